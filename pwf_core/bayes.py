@@ -1,0 +1,313 @@
+"""Bayesian conversion of conv/linear layers: each weight becomes a pair (mu, sigma).
+
+The conversion keeps every original module, its forward and its parameter names: ``weight``
+and ``bias`` still hold the means (mu), and each gains a ``<name>_sigma`` parameter and a
+boolean ``<name>_fixed_mask`` buffer. The module's class is swapped for a subclass whose
+``weight``/``bias`` attributes return a sample ``mu + max(sigma, 2^-30) * eps`` inside a forward
+call while sampling is on (train mode by default), and the means otherwise. So a converted model
+is still a plain ``nn.Module``: timm's forward, ``state_dict``, ``.to(device)`` and evaluation
+with sampling off (logits identical to the original model's) all keep working.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+SIGMA_FLOOR = 2.0**-30
+SIGMA_CAP = 0.05
+CONVERTIBLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_SAMPLED = ("weight", "bias")
+_BAYESIAN_CLASSES: dict[type, type] = {}
+
+
+_NOISE_CHUNK = 1 << 20
+_noise_pool: ThreadPoolExecutor | None = None
+
+
+def fill_standard_normal_(eps: torch.Tensor) -> torch.Tensor:
+    """Fill ``eps`` with N(0, 1) noise, in parallel on the CPU for large tensors.
+
+    The CPU generator is sequential and was the largest cost of a Bayesian training step, so a
+    large tensor is filled in fixed 2^20-element chunks by a thread pool, each chunk from its own
+    generator seeded from the default one: a seeded run draws the same noise on any number of
+    threads. CUDA and small tensors use ``normal_`` directly.
+    """
+    global _noise_pool
+    if eps.device.type != "cpu" or eps.numel() < 2 * _NOISE_CHUNK or torch.get_num_threads() < 2:
+        return eps.normal_()
+    if _noise_pool is None:
+        _noise_pool = ThreadPoolExecutor(
+            max_workers=min(torch.get_num_threads(), os.cpu_count() or 1)
+        )
+    base_seed = int(torch.randint(0, 2**62, ()))
+    chunks = eps.view(-1).split(_NOISE_CHUNK)
+
+    def fill(index: int) -> None:
+        chunks[index].normal_(generator=torch.Generator().manual_seed(base_seed + index))
+
+    list(_noise_pool.map(fill, range(len(chunks))))
+    return eps
+
+
+def add_sigma_regulariser_(
+    grad_sigma: torch.Tensor,
+    sigma: torch.Tensor,
+    eps: torch.Tensor,
+    reg: float,
+    cap: float = SIGMA_CAP,
+    scratch: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The paper's sigma-gradient edit, in place: ``grad_sigma -= reg * relu(cap - sigma) * |eps|``.
+
+    It pushes each sigma up toward ``cap``, harder where the sampled noise was large; the same
+    as the loss ``-reg |eps| (cap sigma - sigma^2 / 2)`` while sigma is below the cap.
+
+    Args:
+        scratch: Optional tensor shaped like ``sigma`` to compute in (spares an allocation).
+    """
+    if reg:
+        pull = scratch if scratch is not None else torch.empty_like(sigma)
+        # relu(cap - sigma) >= 0, so |relu(cap - sigma) * eps| is the whole term.
+        torch.sub(sigma, cap, out=pull).neg_().clamp_min_(0.0).mul_(eps).abs_()
+        grad_sigma.add_(pull, alpha=-reg)
+    return grad_sigma
+
+
+class _SampleWeight(torch.autograd.Function):
+    """``w = mu + max(sigma, 2^-30) * eps`` whose sigma gradient carries the regulariser.
+
+    One function instead of separate ops and a post-backward pass keeps the Bayesian step
+    within a few elementwise passes of the deterministic one.
+    """
+
+    @staticmethod
+    def forward(ctx, mu, sigma, eps, scratch, reg: float, cap: float):  # type: ignore[override]
+        ctx.save_for_backward(sigma, eps)
+        ctx.scratch, ctx.reg, ctx.cap = scratch, reg, cap
+        # Sigmas below the floor are rare; a min-reduction is cheaper than always clamping.
+        ctx.clamped = bool(sigma.detach().amin() < SIGMA_FLOOR)
+        scale = sigma.clamp_min(SIGMA_FLOOR) if ctx.clamped else sigma
+        return torch.addcmul(mu, scale, eps)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        sigma, eps = ctx.saved_tensors
+        grad_sigma = None
+        if ctx.needs_input_grad[1]:
+            grad_sigma = grad * eps
+            if ctx.clamped:
+                grad_sigma.masked_fill_(sigma < SIGMA_FLOOR, 0.0)
+            add_sigma_regulariser_(grad_sigma, sigma, eps, ctx.reg, ctx.cap, ctx.scratch)
+        return grad, grad_sigma, None, None, None, None
+
+
+def _sampled_attribute(name: str) -> property:
+    def get(module: nn.Module) -> torch.Tensor | None:
+        sample = module.__dict__["_pwf_samples"].get(name)
+        return sample if sample is not None else module._parameters[name]
+
+    return property(get, doc=f"``{name}``: a sample inside a sampling forward, else its mean.")
+
+
+def _bayesian_class(cls: type) -> type:
+    if cls not in _BAYESIAN_CLASSES:
+        attrs = {name: _sampled_attribute(name) for name in _SAMPLED}
+        _BAYESIAN_CLASSES[cls] = type(f"Bayesian{cls.__name__}", (cls,), attrs)
+    return _BAYESIAN_CLASSES[cls]
+
+
+def _draw_samples(module: nn.Module, args: tuple) -> None:
+    samples = module.__dict__["_pwf_samples"]
+    samples.clear()
+    forced = module.__dict__["_pwf_sampling"]
+    if not (module.training if forced is None else forced):
+        return
+    reg, cap = module.__dict__["_pwf_regulariser"]
+    noise = module.__dict__["_pwf_noise"]
+    for name in module.__dict__["_pwf_names"]:
+        mu = module._parameters[name]
+        sigma = module._parameters[f"{name}_sigma"]
+        buffers = noise.get(name)
+        if buffers is None or buffers[0].shape != mu.shape or buffers[0].device != mu.device:
+            buffers = noise[name] = tuple(
+                torch.empty_like(mu, memory_format=torch.contiguous_format) for _ in range(2)
+            )
+        # Refilling persistent noise and scratch tensors spares two fresh allocations (page
+        # faults) per tensor and step. Autograd's version counter still catches a second
+        # sampling forward before the first one's backward.
+        eps, scratch = buffers
+        fill_standard_normal_(eps)
+        samples[name] = _SampleWeight.apply(mu, sigma, eps, scratch, reg, cap)
+
+
+def _drop_samples(module: nn.Module, args: tuple, output: object) -> None:
+    module.__dict__["_pwf_samples"].clear()
+
+
+@dataclass(frozen=True)
+class BayesianParam:
+    """One converted tensor: its mean, standard deviation and fixed mask.
+
+    Args:
+        name: Dotted parameter name in the model, e.g. ``layer1.0.conv1.weight``.
+        module: The converted module that owns it.
+        attr: ``weight`` or ``bias``.
+    """
+
+    name: str
+    module: nn.Module
+    attr: str
+
+    @property
+    def mu(self) -> nn.Parameter:
+        return self.module._parameters[self.attr]
+
+    @property
+    def sigma(self) -> nn.Parameter:
+        return self.module._parameters[f"{self.attr}_sigma"]
+
+    @property
+    def fixed_mask(self) -> torch.Tensor:
+        return self.module._buffers[f"{self.attr}_fixed_mask"]
+
+
+@dataclass
+class ConversionReport:
+    """Which parameters became (mu, sigma) pairs and which stayed deterministic."""
+
+    converted: dict[str, int] = field(default_factory=dict)
+    left: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_converted(self) -> int:
+        return sum(self.converted.values())
+
+    @property
+    def num_left(self) -> int:
+        return sum(self.left.values())
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.converted)} tensors ({self.num_converted:,} values) converted to "
+            f"(mu, sigma); {len(self.left)} tensors ({self.num_left:,} values) left deterministic"
+        )
+
+
+def is_bayesian(module: nn.Module) -> bool:
+    """Whether ``module`` (a single layer) has been converted."""
+    return "_pwf_names" in module.__dict__
+
+
+def to_bayesian(model: nn.Module, sigma_init: float = 1e-4) -> ConversionReport:
+    """Convert every conv/linear weight and bias of ``model`` in place.
+
+    Covers subclasses too (timm's ``Conv2dSame``, ``StdConv2d``, a ViT's attention ``Linear``).
+    Sigma starts at the constant ``sigma_init``; :func:`pwf_core.variance.init_sigma_` replaces it
+    with the power-of-two prior. Converting an already converted model changes nothing.
+
+    Args:
+        model: The network; it keeps its structure, names and forward.
+        sigma_init: Initial standard deviation of every converted value.
+
+    Returns:
+        The report of converted and untouched parameters (names and sizes).
+    """
+    for module in model.modules():
+        if not isinstance(module, CONVERTIBLE) or is_bayesian(module):
+            continue
+        names = tuple(n for n in _SAMPLED if module._parameters.get(n) is not None)
+        for name in names:
+            mu = module._parameters[name]
+            module.register_parameter(
+                f"{name}_sigma", nn.Parameter(torch.full_like(mu, sigma_init))
+            )
+            module.register_buffer(f"{name}_fixed_mask", torch.zeros_like(mu, dtype=torch.bool))
+        module.__dict__.update(
+            _pwf_names=names,
+            _pwf_samples={},
+            _pwf_noise={},
+            _pwf_sampling=None,
+            _pwf_regulariser=(0.0, SIGMA_CAP),
+        )
+        module.__class__ = _bayesian_class(type(module))
+        module.register_forward_pre_hook(_draw_samples)
+        module.register_forward_hook(_drop_samples)
+    return conversion_report(model)
+
+
+def conversion_report(model: nn.Module) -> ConversionReport:
+    """List converted parameters (means) and the ones left deterministic (norms, tokens...)."""
+    converted = {p.name: p.mu.numel() for p in bayesian_params(model)}
+    sigma_names = {f"{name}_sigma" for name in converted}
+    left = {
+        name: p.numel()
+        for name, p in model.named_parameters()
+        if name not in converted and name not in sigma_names
+    }
+    return ConversionReport(converted=converted, left=left)
+
+
+def bayesian_params(model: nn.Module) -> list[BayesianParam]:
+    """Every converted tensor of ``model``, in module order."""
+    return [
+        BayesianParam(f"{prefix}.{attr}" if prefix else attr, module, attr)
+        for prefix, module in model.named_modules()
+        if is_bayesian(module)
+        for attr in module.__dict__["_pwf_names"]
+    ]
+
+
+def sigma_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The sigma parameters (they get no weight decay)."""
+    return [p.sigma for p in bayesian_params(model)]
+
+
+def set_sigma_regulariser(model: nn.Module, reg: float, cap: float = SIGMA_CAP) -> None:
+    """Make every sampling forward's backward push sigma up (see :func:`add_sigma_regulariser_`).
+
+    Off (``reg = 0``) after conversion. Fixed entries are excluded by the masked training step,
+    which zeroes their gradients.
+    """
+    for module in model.modules():
+        if is_bayesian(module):
+            module.__dict__["_pwf_regulariser"] = (float(reg), float(cap))
+
+
+def set_sampling(model: nn.Module, enabled: bool | None) -> None:
+    """Force sampling on or off in every converted layer; ``None`` follows train/eval mode."""
+    for module in model.modules():
+        if is_bayesian(module):
+            module.__dict__["_pwf_sampling"] = enabled
+
+
+@contextmanager
+def sampling(model: nn.Module, enabled: bool) -> Iterator[nn.Module]:
+    """Temporarily force sampling on (e.g. Monte-Carlo evaluation) or off."""
+    modules = [m for m in model.modules() if is_bayesian(m)]
+    previous = [m.__dict__["_pwf_sampling"] for m in modules]
+    set_sampling(model, enabled)
+    try:
+        yield model
+    finally:
+        for module, state in zip(modules, previous, strict=True):
+            module.__dict__["_pwf_sampling"] = state
+
+
+def fixed_masks(model: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
+    """Fixed masks keyed by parameter, for both the mean and the sigma of each converted tensor.
+
+    Only tensors with at least one fixed entry are included.
+    """
+    masks: dict[nn.Parameter, torch.Tensor] = {}
+    for param in bayesian_params(model):
+        if param.fixed_mask.any():
+            masks[param.mu] = param.fixed_mask
+            masks[param.sigma] = param.fixed_mask
+    return masks

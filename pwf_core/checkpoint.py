@@ -1,0 +1,74 @@
+"""Tensor files on disk: atomic safetensors writes and tolerant, clearly failing reads."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+
+class CheckpointError(RuntimeError):
+    """A tensor file that is missing, unreadable or does not fit the model."""
+
+
+def save_tensors(
+    path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write ``tensors`` to a safetensors file atomically (temp file, fsync, rename).
+
+    A crash leaves either the previous file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses tensors that share storage, so every entry gets its own copy.
+    owned = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(owned, tmp_name, metadata=dict(metadata or {}))
+        with open(tmp_name, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from a ``.safetensors`` file or a ``.pt``/``.pth`` file.
+
+    ``.pt`` files are read with ``weights_only=True``; a ``{"state_dict": ...}`` wrapper is
+    unwrapped.
+
+    Raises:
+        CheckpointError: naming the path when the file is missing or unreadable.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as err:
+        raise CheckpointError(f"cannot read checkpoint '{path}': {err}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint '{path}' does not hold a state dict of tensors")
+    return state
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file (its JSON header's ``__metadata__``)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"cannot read checkpoint '{path}': {err}") from None

@@ -1,0 +1,256 @@
+"""PWFN: probabilistic weight fixing (Subia-Waud & Dasmahapatra, NeurIPS 2023).
+
+Each round fixes free weights to power-of-two / additive-power-of-two centres, choosing by the
+sigma-scaled distance ``|c - mu| / max(sigma, 2^-20)``. The greedy step takes the centre with
+the most free weights within threshold ``t`` and fixes them nearest first up to the quota; when
+no centre has any, the round relaxes, alternately raising the order and multiplying ``t`` by
+``inc``.
+
+How it stays fast at tens of millions of weights (no dense centres x weights matrix): at a
+given ``(order, t)`` the centres a weight may join form a contiguous index range ``[a, b)`` of
+the sorted codebook. Because every centre is a multiple of ``2^-b``, ``a`` and ``b`` come from a
+lookup table indexed by ``ceil(lo * 2^b)`` / ``floor(hi * 2^b)`` (one gather per weight, no
+search). Per-centre counts are a difference array over the ranges (two bincounts and a cumsum).
+A greedy step scans only the weights that reach some centre at this level, and fixing its
+members decrements the counts of just the centres their ranges covered.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from pwf_core.bayes import set_sigma_regulariser
+from pwf_core.codebook import Codebook, pow2_codebook
+from pwf_core.config import FixingConfig, NonNegativeFloat, PositiveFloat
+from pwf_core.methods.base import SUMMARY_COLUMNS, FixingMethod, FlatWeights, register_method
+from pwf_core.variance import DEFAULT_REG, SIGMA_CAP, init_sigma_
+
+SIGMA_DISTANCE_FLOOR = 2.0**-20
+
+
+class PWFNConfig(FixingConfig):
+    """PWFN knobs (defaults are the paper's).
+
+    Args:
+        prior: Initialise sigma from the distance to powers of two; else ``sigma_init``.
+        sigma_init: Constant initial sigma when ``prior`` is off.
+        reg: Strength of the sigma regulariser (0 turns it off).
+        reg_cap: Sigma the regulariser pushes toward.
+        b: Smallest power of two is ``2^-b``; ``|mu| < 2^-b`` counts as zero under zero-fix.
+        threshold: Starting threshold ``t`` of every round, or one value per round.
+        inc: Factor by which ``t`` grows when a round relaxes.
+        max_order: Most powers of two summed into one centre (1-4).
+        sigma_join: Sigma of newly fixed weights: the std of the means that joined the centre
+            (``std_mu``), unchanged (``keep``), or divided by 10 (``divide_by_10``).
+        zero_fix: Send every weight with ``|mu| < 2^-b`` to 0.
+    """
+
+    method: Literal["pwfn"] = "pwfn"
+    prior: bool = True
+    sigma_init: PositiveFloat = 1e-4
+    reg: NonNegativeFloat = DEFAULT_REG
+    reg_cap: PositiveFloat = SIGMA_CAP
+    b: int = Field(7, ge=1, le=20)
+    threshold: PositiveFloat | tuple[PositiveFloat, ...] = 1.0
+    inc: float = Field(2.0, gt=1.0)
+    max_order: int = Field(4, ge=1, le=4)
+    sigma_join: Literal["std_mu", "keep", "divide_by_10"] = "std_mu"
+    zero_fix: bool = True
+
+    @model_validator(mode="after")
+    def _threshold_per_round(self) -> PWFNConfig:
+        if isinstance(self.threshold, tuple) and len(self.threshold) != len(self.schedule):
+            raise ValueError(
+                f"threshold has {len(self.threshold)} values but the schedule has "
+                f"{len(self.schedule)} rounds"
+            )
+        return self
+
+    def threshold_for(self, round_index: int) -> float:
+        """Starting threshold of round ``round_index``."""
+        if isinstance(self.threshold, tuple):
+            return self.threshold[round_index]
+        return self.threshold
+
+
+class CentreLookup:
+    """Maps value intervals ``[lo, hi]`` to index ranges ``[a, b)`` of a codebook's centres.
+
+    Every centre is an integer ``g`` times ``2^-b``, so ``#centres < lo`` is
+    ``#{g <= ceil(lo 2^b) - 1}`` and ``#centres <= hi`` is ``#{g <= floor(hi 2^b)}``: a table of
+    ``#{g <= j}`` over the integer range of the codebook answers both with one gather.
+    """
+
+    def __init__(self, codebook: Codebook, device: torch.device) -> None:
+        grid = codebook.grid()
+        self.scale = 2.0**codebook.b
+        self.base = int(grid[0]) - 1
+        self.top = int(grid[-1])
+        positions = np.arange(self.base, self.top + 1)
+        dtype = torch.int16 if len(grid) < 2**15 else torch.int32
+        counts = np.searchsorted(grid, positions, side="right")
+        self.table = torch.tensor(counts, dtype=dtype, device=device)
+
+    def ranges(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``a = #centres < lo`` and ``b = #centres <= hi`` for each interval."""
+        lower = (lo * self.scale).clamp(self.base + 1, self.top + 1).ceil_().sub_(1)
+        upper = (hi * self.scale).clamp(self.base, self.top).floor_()
+        a = self.table[lower.long().sub_(self.base)]
+        b = self.table[upper.long().sub_(self.base)]
+        return a, b
+
+
+def _coverage(a: torch.Tensor, b: torch.Tensor, num_centres: int) -> torch.Tensor:
+    """How many ranges ``[a_i, b_i)`` cover each centre index (a difference array)."""
+    delta = torch.bincount(a.long(), minlength=num_centres + 1)
+    delta -= torch.bincount(b.long(), minlength=num_centres + 1)
+    return delta.cumsum(0)[:num_centres]
+
+
+class _Relaxation:
+    """The order/threshold walk: (1,t) → (2,t) → (2,2t) → (3,2t) → (3,4t) → (4,4t) → (4,8t) …"""
+
+    def __init__(self, threshold: float, inc: float, max_order: int) -> None:
+        self.order, self.threshold = 1, threshold
+        self.inc, self.max_order = inc, max_order
+        self._raise_order_next = True
+
+    def relax(self) -> None:
+        if self._raise_order_next and self.order < self.max_order:
+            self.order += 1
+            self._raise_order_next = False
+        else:
+            self.threshold *= self.inc
+            self._raise_order_next = True
+
+
+def interval_bounds(
+    mu: torch.Tensor, scale: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[mu - t s, mu + t s]``: the centres a weight may join at threshold ``t``.
+
+    ``scale`` is ``max(sigma, 2^-20)``. This is the eligibility rule ``|c - mu| / s <= t``
+    written as an interval, evaluated in the weights' dtype.
+    """
+    reach = scale * threshold
+    return mu - reach, mu + reach
+
+
+def pwfn_fix_round(
+    weights: FlatWeights,
+    target_fixed: int,
+    threshold: float = 1.0,
+    inc: float = 2.0,
+    b: int = 7,
+    max_order: int = 4,
+    zero_fix: bool = True,
+    sigma_join: str = "std_mu",
+) -> pd.DataFrame:
+    """One PWFN fixing round on the whole network's free weights, in place.
+
+    Each relaxation level ``(order, t)`` starts from the full codebook of that order for the
+    weights still free (``M`` = their largest magnitude); within a level a centre, once chosen,
+    has no eligible free weight left, so it is not picked again.
+
+    Args:
+        weights: Flat means, sigmas and fixed mask; edited in place.
+        target_fixed: Number of fixed weights after the round (``ceil(f_r N)``).
+        threshold: Starting threshold ``t`` of the round.
+        inc: Growth factor of ``t`` when relaxing.
+        b: Smallest power of two is ``2^-b``.
+        max_order: Largest order the relaxation reaches.
+        zero_fix: Weights with ``|mu| < 2^-b`` may only join 0, at distance 0.
+        sigma_join: ``std_mu``, ``keep`` or ``divide_by_10``.
+
+    Returns:
+        One row per greedy step: ``step, centre, order, threshold, count``.
+    """
+    remaining = target_fixed - weights.num_fixed
+    rows: list[tuple] = []
+    if remaining <= 0:
+        return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    device = weights.mu.device
+    free = (~weights.fixed).nonzero().squeeze(1)
+    mu = weights.mu[free]
+    scale = weights.sigma[free].clamp_min(SIGMA_DISTANCE_FLOOR)
+    if not (torch.isfinite(mu).all() and torch.isfinite(scale).all()):
+        raise ValueError("free weights hold NaN or infinite means or sigmas; cannot fix them")
+    is_zero = mu.abs() < 2.0**-b if zero_fix else torch.zeros_like(mu, dtype=torch.bool)
+    alive = torch.ones_like(mu, dtype=torch.bool)
+    walk = _Relaxation(threshold, inc, max_order)
+    while remaining > 0:
+        live = alive.nonzero().squeeze(1)
+        book = pow2_codebook(b, float(mu[live].abs().max()), walk.order)
+        centres = book.tensor(device)
+        lo, hi = interval_bounds(mu[live], scale[live], walk.threshold)
+        a, b_ = CentreLookup(book, device).ranges(lo, hi)
+        zero_index = book.index_of(0.0)
+        live_zero = is_zero[live]
+        a = torch.where(live_zero, zero_index, a)
+        b_ = torch.where(live_zero, zero_index + 1, b_)
+        reach = b_ > a
+        live, a, b_ = live[reach], a[reach], b_[reach]
+        counts = _coverage(a, b_, len(book))
+        live_alive = torch.ones_like(live, dtype=torch.bool)
+        while remaining > 0:
+            k = int(counts.argmax())
+            if int(counts[k]) <= 0:
+                break
+            members = ((a <= k) & (b_ > k) & live_alive).nonzero().squeeze(1)
+            centre = centres[k]
+            if len(members) > remaining:
+                position = live[members]
+                distance = (centre - mu[position]).abs() / scale[position]
+                distance = torch.where(is_zero[position] & (centre == 0), 0.0, distance)
+                members = members[torch.sort(distance, stable=True).indices[:remaining]]
+            position = live[members]
+            joined = free[position]
+            if sigma_join == "std_mu":
+                weights.sigma[joined] = mu[position].std(correction=0) if len(joined) > 1 else 0.0
+            elif sigma_join == "divide_by_10":
+                weights.sigma[joined] /= 10
+            weights.mu[joined] = centre
+            weights.fixed[joined] = True
+            alive[position] = False
+            live_alive[members] = False
+            counts -= _coverage(a[members], b_[members], len(book))
+            remaining -= len(members)
+            value = float(book.values[k])
+            rows.append((len(rows), value, int(book.orders[k]), walk.threshold, len(members)))
+        if remaining > 0:
+            walk.relax()
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+@register_method("pwfn")
+class PWFN(FixingMethod):
+    """Probabilistic weight fixing: sigma-scaled greedy fixing to (additive) powers of two."""
+
+    config_class = PWFNConfig
+    bayesian = True
+    config: PWFNConfig
+
+    def attach(self, model: nn.Module) -> None:
+        super().attach(model)
+        set_sigma_regulariser(model, self.config.reg, self.config.reg_cap)
+
+    def prepare(self, model: nn.Module) -> None:
+        init_sigma_(model, prior=self.config.prior, constant=self.config.sigma_init)
+
+    def fix(self, weights: FlatWeights, target_fixed: int, round_index: int) -> pd.DataFrame:
+        return pwfn_fix_round(
+            weights,
+            target_fixed,
+            threshold=self.config.threshold_for(round_index),
+            inc=self.config.inc,
+            b=self.config.b,
+            max_order=self.config.max_order,
+            zero_fix=self.config.zero_fix,
+            sigma_join=self.config.sigma_join,
+        )

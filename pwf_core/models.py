@@ -1,0 +1,136 @@
+"""Models by name: pwf's own small networks (a registry) and every timm architecture.
+
+Nothing here touches the network: timm models are built with ``pretrained=False`` and the
+Hugging Face hub is switched to offline mode; trained weights come from local files.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import timm
+import torch
+from torch import nn
+
+from pwf_core.checkpoint import CheckpointError, load_tensors
+
+ModelFactory = Callable[..., nn.Module]
+_MODELS: dict[str, ModelFactory] = {}
+
+
+def register_model(factory: ModelFactory) -> ModelFactory:
+    """Register a model factory under its function name."""
+    _MODELS[factory.__name__] = factory
+    return factory
+
+
+class SmallCNN(nn.Module):
+    """Three 3x3 conv blocks, global pooling and a linear head; any input size >= 2.
+
+    Args:
+        num_classes: Output classes.
+        in_chans: Input channels.
+        width: Channels of the first block (the others use twice as many).
+    """
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, width: int = 32) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+        self.features = nn.Sequential(
+            *block(in_chans, width),
+            *block(width, 2 * width),
+            nn.MaxPool2d(2),
+            *block(2 * width, 2 * width),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@register_model
+def small_cnn(num_classes: int = 10, in_chans: int = 1, img_size: int | None = None, **kwargs: Any):
+    """The default model: a ~56 k-parameter CNN that reaches ~98 % on digits in seconds."""
+    return SmallCNN(num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+def is_known_model(name: str) -> bool:
+    """Whether ``name`` is a pwf model or a timm architecture."""
+    return name in _MODELS or timm.is_model(name)
+
+
+def similar_model_names(name: str, limit: int = 5) -> list[str]:
+    """Registered and timm names close to ``name``, for error messages."""
+    candidates = [*_MODELS, *timm.list_models()]
+    return difflib.get_close_matches(name, candidates, n=limit, cutoff=0.6)
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    in_chans: int,
+    img_size: int | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a randomly initialised model by name.
+
+    Args:
+        name: ``small_cnn`` or any timm architecture (``resnet18``, ``vit_tiny_patch16_224``...).
+        num_classes: Classifier outputs.
+        in_chans: Input channels.
+        img_size: Input side, passed to architectures that take it (ViTs); others ignore it.
+        **kwargs: Extra architecture arguments (e.g. ``patch_size`` for a ViT on small images).
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    if name in _MODELS:
+        return _MODELS[name](
+            num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs
+        )
+    if not timm.is_model(name):
+        raise ValueError(f"unknown model '{name}'; close names: {similar_model_names(name)}")
+    create = dict(pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if img_size is not None and "img_size" not in kwargs:
+        try:
+            return timm.create_model(name, img_size=img_size, **create)
+        except TypeError as err:
+            # Convolutional timm models take no img_size; that is the only error we absorb.
+            if "img_size" not in str(err):
+                raise
+    return timm.create_model(name, **create)
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load trained weights from a local safetensors or ``.pt`` file into ``model``.
+
+    Raises:
+        CheckpointError: when the file is missing or unreadable, or its names or shapes do
+            not match the model (every mismatch is listed).
+    """
+    state = load_tensors(path)
+    expected = model.state_dict()
+    problems = [
+        f"{key}: file {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
+        for key, value in state.items()
+        if key in expected and value.shape != expected[key].shape
+    ]
+    problems += [f"{key}: missing from file" for key in expected if key not in state]
+    problems += [f"{key}: not in model" for key in state if key not in expected]
+    if problems:
+        listed = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise CheckpointError(f"weights in '{path}' do not fit the model:\n  {listed}{more}")
+    model.load_state_dict(state)
+    return model

@@ -1,0 +1,1 @@
+"""Tiny models and data files for tests (torch-uncertainty style dummies)."""

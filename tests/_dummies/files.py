@@ -1,0 +1,65 @@
+"""Writers of small, real-format dataset files: MNIST IDX, CIFAR-10 batches, image folders."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> Path:
+    """Write ``array`` (uint8) in the IDX format MNIST uses."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(
+        struct.pack(">I", n) for n in array.shape
+    )
+    data = header + array.astype(np.uint8).tobytes()
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def write_mnist(folder: Path, n_train: int = 60, n_test: int = 20, compress: bool = False) -> Path:
+    """An MNIST folder with random 28x28 images and labels 0-9."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(
+            folder / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), compress
+        )
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, (n,)), compress)
+    return folder
+
+
+def write_cifar10(folder: Path, per_batch: int = 10) -> Path:
+    """A cifar-10-batches-py folder with five tiny training batches and a test batch."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        batch = {
+            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            b"labels": rng.integers(0, 10, per_batch).tolist(),
+        }
+        (folder / name).write_bytes(pickle.dumps(batch))
+    return folder
+
+
+def write_image_folder(root: Path, classes: int = 2, per_class: int = 3, size: int = 12) -> Path:
+    """An ImageNet-style train/val tree of small PNGs."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root

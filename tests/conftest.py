@@ -1,0 +1,40 @@
+"""Shared fixtures: the digits dataset and a pretrained small CNN, built once per session."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pwf_core.config import ExperimentConfig, load_config
+from pwf_core.data import ImageDataset, load_dataset
+from pwf_core.pretrain import build_experiment_model, pretrain
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def digits_config() -> ExperimentConfig:
+    return load_config()
+
+
+@pytest.fixture(scope="session")
+def digits(digits_config: ExperimentConfig) -> ImageDataset:
+    return load_dataset(digits_config.data)
+
+
+@pytest.fixture(scope="session")
+def pretrained_state(digits_config, digits):
+    """State dict and test metrics of the default small CNN pretrained on digits (seeded)."""
+    model = build_experiment_model(digits_config, digits)
+    result = pretrain(model, digits, digits_config, "cpu", progress=False)
+    return copy.deepcopy(model.state_dict()), result
+
+
+@pytest.fixture
+def pretrained_cnn(digits_config, digits, pretrained_state):
+    """A fresh copy of the pretrained small CNN."""
+    model = build_experiment_model(digits_config, digits)
+    model.load_state_dict(pretrained_state[0])
+    return model
