@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,32 @@ def build_model(
             if "img_size" not in str(err):
                 raise
     return timm.create_model(name, **create)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild an architecture: what an exported model records.
+
+    Args:
+        name: Registered or timm architecture name.
+        num_classes: Classifier outputs.
+        in_chans: Input channels.
+        img_size: Input side (for architectures that take it).
+        kwargs: Extra architecture arguments.
+    """
+
+    name: str
+    num_classes: int
+    in_chans: int
+    img_size: int | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> nn.Module:
+        """A freshly initialised instance of the architecture."""
+        return build_model(self.name, self.num_classes, self.in_chans, self.img_size, **self.kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:

@@ -10,9 +10,20 @@ from torch import nn
 from pwf_core.config import ExperimentConfig
 from pwf_core.data import ImageDataset
 from pwf_core.metrics import evaluate
-from pwf_core.models import build_model, load_weights
+from pwf_core.models import ModelSpec, load_weights
 from pwf_core.reproducibility import derive_seed, seed_everything
 from pwf_core.train import train
+
+
+def model_spec(config: ExperimentConfig, dataset: ImageDataset) -> ModelSpec:
+    """The config's architecture sized for ``dataset``."""
+    return ModelSpec(
+        name=config.model.name,
+        num_classes=dataset.num_classes,
+        in_chans=dataset.in_chans,
+        img_size=dataset.img_size,
+        kwargs=dict(config.model.kwargs),
+    )
 
 
 def build_experiment_model(config: ExperimentConfig, dataset: ImageDataset) -> nn.Module:
@@ -21,13 +32,7 @@ def build_experiment_model(config: ExperimentConfig, dataset: ImageDataset) -> n
     The initialisation is seeded from the experiment seed.
     """
     seed_everything(derive_seed(config.seed, "model-init"))
-    model = build_model(
-        config.model.name,
-        num_classes=dataset.num_classes,
-        in_chans=dataset.in_chans,
-        img_size=dataset.img_size,
-        **config.model.kwargs,
-    )
+    model = model_spec(config, dataset).build()
     if config.model.weights is not None:
         load_weights(model, config.model.weights)
     return model

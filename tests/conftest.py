@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,10 +14,14 @@ from pwf_core.pretrain import build_experiment_model, pretrain
 
 torch.set_num_threads(2)
 
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
+
 
 @pytest.fixture(scope="session")
 def digits_config() -> ExperimentConfig:
-    return load_config()
+    """The shipped default experiment (digits + small CNN + PWFN)."""
+    return load_config(DEFAULT_CONFIG)
 
 
 @pytest.fixture(scope="session")

@@ -97,20 +97,47 @@ class CentreLookup:
         counts = np.searchsorted(grid, positions, side="right")
         self.table = torch.tensor(counts, dtype=dtype, device=device)
 
-    def ranges(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``a = #centres < lo`` and ``b = #centres <= hi`` for each interval."""
-        lower = (lo * self.scale).clamp(self.base + 1, self.top + 1).ceil_().sub_(1)
-        upper = (hi * self.scale).clamp(self.base, self.top).floor_()
-        a = self.table[lower.long().sub_(self.base)]
-        b = self.table[upper.long().sub_(self.base)]
-        return a, b
+    def ranges_(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``a = #centres < lo`` and ``b = #centres <= hi`` per interval (``lo``/``hi`` are
+        overwritten: at tens of millions of weights every temporary costs page faults)."""
+        lower = lo.mul_(self.scale).clamp_(self.base + 1, self.top + 1).ceil_().sub_(1 + self.base)
+        upper = hi.mul_(self.scale).clamp_(self.base, self.top).floor_().sub_(self.base)
+        return self.table[lower.to(torch.int32)], self.table[upper.to(torch.int32)]
 
 
 def _coverage(a: torch.Tensor, b: torch.Tensor, num_centres: int) -> torch.Tensor:
     """How many ranges ``[a_i, b_i)`` cover each centre index (a difference array)."""
-    delta = torch.bincount(a.long(), minlength=num_centres + 1)
-    delta -= torch.bincount(b.long(), minlength=num_centres + 1)
+    delta = torch.bincount(a, minlength=num_centres + 1)
+    delta -= torch.bincount(b, minlength=num_centres + 1)
     return delta.cumsum(0)[:num_centres]
+
+
+class _MembersByCentre:
+    """The (weight, centre) eligibility pairs of one level, grouped by centre (CSR).
+
+    Most weights reach 0-3 centres, so the pairs are few; sorting them by centre (a radix sort
+    of small integers) lets each greedy step read just the chosen centre's candidates.
+    """
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, num_centres: int) -> None:
+        lengths = (b - a).clamp_min_(0)
+        if int(lengths.max()) <= 1:
+            position = lengths.nonzero().squeeze(1)
+            centre = a[position]
+        else:
+            position = torch.repeat_interleave(lengths.long())
+            first = torch.cumsum(lengths, 0) - lengths
+            step = torch.arange(len(position), device=a.device) - first[position]
+            centre = a[position] + step
+        order = torch.sort(centre, stable=True).indices
+        self.position = position[order]
+        counts = torch.bincount(centre, minlength=num_centres)
+        self.counts = counts
+        self.offsets = [0, *torch.cumsum(counts, 0).tolist()]
+
+    def candidates(self, k: int) -> torch.Tensor:
+        """Positions of the weights that could join centre ``k`` (fixed ones included)."""
+        return self.position[self.offsets[k] : self.offsets[k + 1]]
 
 
 class _Relaxation:
@@ -139,7 +166,7 @@ def interval_bounds(
     written as an interval, evaluated in the weights' dtype.
     """
     reach = scale * threshold
-    return mu - reach, mu + reach
+    return mu - reach, reach.add_(mu)
 
 
 def pwfn_fix_round(
@@ -176,49 +203,48 @@ def pwfn_fix_round(
     if remaining <= 0:
         return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
     device = weights.mu.device
-    free = (~weights.fixed).nonzero().squeeze(1)
-    mu = weights.mu[free]
-    scale = weights.sigma[free].clamp_min(SIGMA_DISTANCE_FLOOR)
-    if not (torch.isfinite(mu).all() and torch.isfinite(scale).all()):
+    index = (~weights.fixed).nonzero().squeeze(1)
+    mu = weights.mu[index]
+    scale = weights.sigma[index].clamp_min_(SIGMA_DISTANCE_FLOOR)
+    if not torch.isfinite(mu.sum() + scale.sum()):  # a reduction: no full-size temporary
         raise ValueError("free weights hold NaN or infinite means or sigmas; cannot fix them")
     is_zero = mu.abs() < 2.0**-b if zero_fix else torch.zeros_like(mu, dtype=torch.bool)
     alive = torch.ones_like(mu, dtype=torch.bool)
     walk = _Relaxation(threshold, inc, max_order)
     while remaining > 0:
-        live = alive.nonzero().squeeze(1)
-        book = pow2_codebook(b, float(mu[live].abs().max()), walk.order)
+        if not alive.all():  # drop the weights the previous level fixed
+            keep = alive.nonzero().squeeze(1)
+            index, mu, scale, is_zero = index[keep], mu[keep], scale[keep], is_zero[keep]
+            alive = torch.ones_like(mu, dtype=torch.bool)
+        low, high = torch.aminmax(mu)
+        book = pow2_codebook(b, max(-float(low), float(high)), walk.order)
         centres = book.tensor(device)
-        lo, hi = interval_bounds(mu[live], scale[live], walk.threshold)
-        a, b_ = CentreLookup(book, device).ranges(lo, hi)
         zero_index = book.index_of(0.0)
-        live_zero = is_zero[live]
-        a = torch.where(live_zero, zero_index, a)
-        b_ = torch.where(live_zero, zero_index + 1, b_)
-        reach = b_ > a
-        live, a, b_ = live[reach], a[reach], b_[reach]
-        counts = _coverage(a, b_, len(book))
-        live_alive = torch.ones_like(live, dtype=torch.bool)
+        a, b_ = CentreLookup(book, device).ranges_(*interval_bounds(mu, scale, walk.threshold))
+        a.masked_fill_(is_zero, zero_index)
+        b_.masked_fill_(is_zero, zero_index + 1)
+        pairs = _MembersByCentre(a, b_, len(book))
+        counts = pairs.counts
         while remaining > 0:
             k = int(counts.argmax())
             if int(counts[k]) <= 0:
                 break
-            members = ((a <= k) & (b_ > k) & live_alive).nonzero().squeeze(1)
+            members = pairs.candidates(k)
+            members = members[alive[members]]
             centre = centres[k]
             if len(members) > remaining:
-                position = live[members]
-                distance = (centre - mu[position]).abs() / scale[position]
-                distance = torch.where(is_zero[position] & (centre == 0), 0.0, distance)
+                distance = (centre - mu[members]).abs_().div_(scale[members])
+                distance.masked_fill_(is_zero[members] & (centre == 0), 0.0)
                 members = members[torch.sort(distance, stable=True).indices[:remaining]]
-            position = live[members]
-            joined = free[position]
+                members = members.sort().values
+            joined = index[members]
             if sigma_join == "std_mu":
-                weights.sigma[joined] = mu[position].std(correction=0) if len(joined) > 1 else 0.0
+                weights.sigma[joined] = mu[members].std(correction=0) if len(joined) > 1 else 0.0
             elif sigma_join == "divide_by_10":
                 weights.sigma[joined] /= 10
             weights.mu[joined] = centre
             weights.fixed[joined] = True
-            alive[position] = False
-            live_alive[members] = False
+            alive[members] = False
             counts -= _coverage(a[members], b_[members], len(book))
             remaining -= len(members)
             value = float(book.values[k])
