@@ -1,10 +1,12 @@
-"""Tensor files on disk: atomic safetensors writes and tolerant, clearly failing reads."""
+"""Files on disk: atomic writes (a crash leaves the old file or the new one, never half of one)
+and safetensors reads that fail with the path named."""
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,28 +18,42 @@ class CheckpointError(RuntimeError):
     """A tensor file that is missing, unreadable or does not fit the model."""
 
 
-def save_tensors(
-    path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
-) -> Path:
-    """Write ``tensors`` to a safetensors file atomically (temp file, fsync, rename).
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto it.
 
-    A crash leaves either the previous file or the new one, never half of one.
+    Example: ``with atomic_path(out) as tmp: frame.to_parquet(tmp)``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # safetensors refuses tensors that share storage, so every entry gets its own copy.
-    owned = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    tmp = Path(tmp_name)
     try:
-        save_file(owned, tmp_name, metadata=dict(metadata or {}))
-        with open(tmp_name, "rb") as handle:
+        yield tmp
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a text file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def save_tensors(
+    path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write ``tensors`` (and string ``metadata``) to a safetensors file atomically."""
+    # safetensors refuses tensors that share storage, so every entry gets its own copy.
+    owned = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(owned, str(tmp), metadata=dict(metadata or {}))
+    return Path(path)
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:

@@ -109,7 +109,7 @@ def train(
         fixed_masks: Boolean mask per parameter of entries that must not change.
         hooks: Method-specific loss term.
         cosine: Cosine-anneal the learning rate to zero over the run.
-        progress: Show a progress bar per epoch.
+        progress: Show a progress bar per epoch (when stderr is a terminal).
         desc: Label of the progress bar.
         on_epoch_end: Called with ``(epoch, mean loss)`` after each epoch (e.g. validation).
 
@@ -143,7 +143,7 @@ def train(
             total=steps_this_epoch,
             desc=f"{desc} epoch {epoch + 1}/{num_epochs}",
             leave=False,
-            disable=not progress,
+            disable=None if progress else True,  # None: only on a terminal
             dynamic_ncols=True,
         )
         for step_in_epoch, (images, labels) in enumerate(loader):

@@ -19,6 +19,27 @@ DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 
 
 @pytest.fixture(scope="session")
+def prefect_server():
+    """One real Prefect server (a temporary database) for the whole test run; yields its URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    import flows  # noqa: F401  (offline defaults before Prefect loads)
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch) -> str:
+    """A fresh MLflow sqlite store for one test (exported, so subprocesses use it too)."""
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    return uri
+
+
+@pytest.fixture(scope="session")
 def digits_config() -> ExperimentConfig:
     """The shipped default experiment (digits + small CNN + PWFN)."""
     return load_config(DEFAULT_CONFIG)

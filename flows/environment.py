@@ -1,0 +1,37 @@
+"""Offline-safe defaults for Prefect, MLflow and the Hugging Face hub.
+
+Applied when ``flows`` is imported, before Prefect or MLflow are: every value is a default that
+the user's environment overrides. Nothing here reaches for the network: analytics and telemetry
+are off, the hub is offline, the ephemeral Prefect server gets a generous startup timeout (its
+first start migrates a fresh database), and MLflow records into ``mlruns.db`` in the working
+directory unless ``MLFLOW_TRACKING_URI`` points elsewhere (e.g. a shared ``mlflow server``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_MLFLOW_DB = "mlruns.db"
+
+
+def default_tracking_uri(workdir: Path | None = None) -> str:
+    """``sqlite:///<abs path>/mlruns.db`` in ``workdir`` (the current directory by default)."""
+    return f"sqlite:///{(workdir or Path.cwd()).resolve() / DEFAULT_MLFLOW_DB}"
+
+
+def configure_environment(workdir: Path | None = None) -> None:
+    """Set the offline defaults (only where the environment has no value yet)."""
+    workdir = (workdir or Path.cwd()).resolve()
+    defaults = {
+        "PREFECT_HOME": str(workdir / ".prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "DO_NOT_TRACK": "true",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_TRACKING_URI": default_tracking_uri(workdir),
+        "HF_HUB_OFFLINE": "1",
+        "TQDM_MININTERVAL": "1",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
