@@ -73,7 +73,8 @@ def pretrain_task(config: dict[str, Any], artifacts_dir: str, progress: bool = T
     if path.is_file():
         header = read_header(path)
         logger.info("reusing cached pretraining %s (key %s)", path, pretrain_key(cfg))
-        return {"path": str(path), "cached": True, "test_acc": header["test_metrics"]["cls/acc"]}
+        acc = header["test_metrics"]["cls/acc"]
+        return {"path": str(path), "cached": True, "test_acc": acc, "seconds": 0.0}
     dataset = _dataset(cfg.data)
     model = build_experiment_model(cfg, dataset)
     result = pretrain(model, dataset, cfg, cfg.resolved_device(), progress)
@@ -91,7 +92,8 @@ def pretrain_task(config: dict[str, Any], artifacts_dir: str, progress: bool = T
         100 * result.test_metrics["cls/acc"],
         result.seconds,
     )
-    return {"path": str(path), "cached": False, "test_acc": result.test_metrics["cls/acc"]}
+    acc = result.test_metrics["cls/acc"]
+    return {"path": str(path), "cached": False, "test_acc": acc, "seconds": result.seconds}
 
 
 @task(name="init_variance", cache_policy=NO_CACHE)
@@ -140,6 +142,7 @@ def fixing_round_task(
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(config: dict[str, Any], final_round: str, artifacts_dir: str) -> dict:
     """Final metrics (sampling off and on), per-round tables, the plot and the compressed model."""
+    started = time.perf_counter()
     cfg = parse_config(config)
     files = ExperimentFiles.for_config(cfg, artifacts_dir)
     model, method = _model_and_method(cfg, Path(final_round))
@@ -165,7 +168,11 @@ def evaluate_task(config: dict[str, Any], final_round: str, artifacts_dir: str) 
             (rounds if name == "rounds" else centres).to_parquet(tmp, index=False)
     title = f"{cfg.name}: {cfg.fixing.method} on {cfg.model.name}/{cfg.data.name}"
     accuracy_vs_unique_values(rounds, outputs["plot"], title)
-    summary = {"metrics": metrics, "outputs": {k: str(v) for k, v in outputs.items()}}
+    summary = {
+        "metrics": metrics,
+        "outputs": {k: str(v) for k, v in outputs.items()},
+        "seconds": time.perf_counter() - started,
+    }
     write_text_atomic(files.summary, json.dumps(summary, indent=2))
     get_run_logger().info(
         "final: top-1 %.2f%% (sampled %.2f%%), %d unique values, %s, %.1fx smaller than float32",
@@ -212,6 +219,7 @@ def pwf_experiment(
     artifacts_dir: str = "artifacts",
     parent_run_id: str | None = None,
     progress: bool = True,
+    tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) one experiment and record it in MLflow.
 
@@ -221,6 +229,7 @@ def pwf_experiment(
         artifacts_dir: Root of checkpoints, the pretraining cache and final outputs.
         parent_run_id: MLflow run to nest this one under (a sweep's run).
         progress: Show progress bars while training.
+        tags: Extra MLflow tags (a sweep marks its trials with them).
 
     Returns:
         The MLflow run id, the experiment folder, the tracking URI and the final metrics.
@@ -240,7 +249,8 @@ def pwf_experiment(
         if not files.config.is_file():
             write_text_atomic(files.config, json.dumps(values, indent=2))
         tracker.log_params(flatten_config(cfg))
-        tracker.set_tags({"run_key": run_key(cfg), "artifacts": str(files.root)})
+        tracker.set_tags({"run_key": run_key(cfg), "artifacts": str(files.root), **(tags or {})})
+        compute_s = 0.0  # time in pwf_core (training, fixing, evaluation), not orchestration
         finished = files.finished_rounds(num_rounds)
         logged = tracker.logged_steps("ws/unique_values")
         if finished:
@@ -254,6 +264,7 @@ def pwf_experiment(
             tracker.set_tags({"resumed_at_round": finished})
         if finished == 0 and not files.init.is_file():
             pretrained = pretrain_task(values, artifacts_dir, progress)
+            compute_s += pretrained["seconds"]
             _log_pretraining(tracker, pretrained)
             init_variance_task(values, pretrained["path"], artifacts_dir)
         previous = files.round(finished - 1) if finished else files.init
@@ -264,8 +275,11 @@ def pwf_experiment(
             )
             _log_rounds(tracker, files, index + 1, logged)
         summary = evaluate_task(values, str(previous), artifacts_dir)
+        compute_s += summary["seconds"]
         tracker.log_metrics({f"final/{k}": v for k, v in summary["metrics"].items()})
-        tracker.log_metrics({"time/experiment_s": time.perf_counter() - started})
+        elapsed = time.perf_counter() - started
+        timing = {"time/experiment_s": elapsed, "time/compute_s": compute_s}
+        tracker.log_metrics(timing)
         tracker.log_artifact(files.config)
         outputs = summary["outputs"]
         tracker.log_artifact(Path(outputs["rounds"]), "tables")
@@ -285,4 +299,5 @@ def pwf_experiment(
         "artifacts": str(files.root),
         "tracking_uri": tracking_uri(),
         "metrics": summary["metrics"],
+        "timing": timing,
     }

@@ -14,6 +14,14 @@ import pandas as pd
 from pwf_core.checkpoint import atomic_path
 
 
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path
+
+
 def accuracy_vs_unique_values(rounds: pd.DataFrame, path: Path, title: str) -> Path:
     """Top-1 accuracy against the number of unique values, one point per round."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -31,11 +39,7 @@ def accuracy_vs_unique_values(rounds: pd.DataFrame, path: Path, title: str) -> P
     ax.set_ylabel("test top-1 (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def pareto_front(trials: pd.DataFrame, path: Path, title: str) -> Path:
@@ -51,8 +55,13 @@ def pareto_front(trials: pd.DataFrame, path: Path, title: str) -> Path:
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def bar_chart(values: dict[str, float], path: Path, title: str) -> Path:
+    """Horizontal bars, largest on top (parameter importances)."""
+    items = sorted(values.items(), key=lambda kv: kv[1])
+    fig, ax = plt.subplots(figsize=(6, 0.5 * len(items) + 1.5))
+    ax.barh([k for k, _ in items], [v for _, v in items])
+    ax.set_title(title)
+    return _save(fig, path)

@@ -97,13 +97,13 @@ def fixing_round(
     weights.scatter_(model)
     fix_seconds = time.perf_counter() - start
     test_loader = dataset.loader("test", config.data.eval_batch_size).to(device)
-    metrics = {
-        **evaluate(model, test_loader, device),
-        **weight_sharing_metrics(model),
+    metrics = {**evaluate(model, test_loader, device), **weight_sharing_metrics(model)}
+    metrics |= {
         "train/loss": trained.mean_loss,
         "train/steps": float(trained.steps),
         "time/train_s": trained.seconds,
         "time/fix_s": fix_seconds,
+        "time/eval_s": time.perf_counter() - start - fix_seconds,
     }
     summary.insert(0, "round", round_index)
     return RoundRecord(round_index, fraction, metrics, summary)

@@ -30,6 +30,7 @@ ROUND_KEYS = {
     "train/steps",
     "time/train_s",
     "time/fix_s",
+    "time/eval_s",
 }
 
 

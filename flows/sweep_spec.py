@@ -1,0 +1,309 @@
+"""Sweep files: a base experiment config, a search space over its fields, and the study.
+
+A sweep file is YAML a user edits::
+
+    name: full-sweep
+    base: ../configs/default.yaml          # relative to the sweep file
+    overrides: {train.epochs: 1}           # applied to every trial
+    space:
+      fixing.reg: {float: [1.0e-5, 1.0e-2], log: true}
+      fixing.b: {int: [4, 8]}
+      fixing.sigma_join: {choices: [std_mu, keep, divide_by_10]}
+      fixing.schedule:                     # labelled choices for values Optuna cannot hold
+        choices: {paper: [0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 0.975, 0.99, 1.0], short: [0.5, 1.0]}
+    study:
+      objectives: [accuracy, unique_values]
+      n_trials: 12
+
+It is validated like a config, before anything runs: every space key must be a field of the
+base config (the values at both ends of each range, and every choice, are checked by building
+the trial config), ranges must be non-empty, and the storage URL must be one Optuna can open.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from pwf_core.config import (
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    parse_config,
+    read_yaml,
+)
+
+OBJECTIVES = {
+    "accuracy": ("cls/acc", "maximize"),
+    "unique_values": ("ws/unique_values", "minimize"),
+    "nll": ("cls/nll", "minimize"),
+    "ece": ("cal/ece", "minimize"),
+    "entropy_bits": ("ws/entropy_bits", "minimize"),
+}
+STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Dimension(_Strict):
+    """One searched field: a float or int range, or a set of choices.
+
+    Args:
+        float_range: ``[low, high]`` for a float (YAML key ``float``).
+        int_range: ``[low, high]`` for an int, both included (YAML key ``int``).
+        log: Sample the range on a log scale.
+        step: Grid step of a range (ints default to 1).
+        choices: A list of scalars, or a mapping ``label: value`` for any YAML value.
+    """
+
+    float_range: tuple[float, float] | None = Field(None, alias="float")
+    int_range: tuple[int, int] | None = Field(None, alias="int")
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Dimension:
+        kinds = [k for k in (self.float_range, self.int_range, self.choices) if k is not None]
+        if len(kinds) != 1:
+            raise ValueError(
+                "give exactly one of 'float: [low, high]', 'int: [low, high]', 'choices'"
+            )
+        bounds = self.float_range or self.int_range
+        if bounds is not None:
+            low, high = bounds
+            if not low < high:
+                raise ValueError(f"empty range [{low}, {high}]: low must be below high")
+            if self.log and low <= 0:
+                raise ValueError(f"a log range needs low > 0, got {low}")
+            if self.log and self.step is not None:
+                raise ValueError("a range cannot have both log and step")
+        elif not self.choices:
+            raise ValueError("choices is empty")
+        elif isinstance(self.choices, list):
+            bad = [
+                c for c in self.choices if not isinstance(c, (str, int, float, bool, type(None)))
+            ]
+            if bad:
+                raise ValueError(f"choices {bad} are not scalars; give them labels as a mapping")
+        return self
+
+    def labels(self) -> list[Any]:
+        """What Optuna sees for a choice dimension (the labels of a mapping)."""
+        assert self.choices is not None
+        return list(self.choices)  # a mapping's keys, or the list itself
+
+    def value_of(self, suggested: Any) -> Any:
+        """The config value for what Optuna suggested (a label maps to its value)."""
+        if isinstance(self.choices, dict):
+            return self.choices[suggested]
+        return suggested
+
+    def probe_values(self) -> list[Any]:
+        """Values that validation builds trial configs from: both ends, or every choice."""
+        if self.choices is not None:
+            return [self.value_of(label) for label in self.labels()]
+        return list(self.float_range or self.int_range)  # type: ignore[arg-type]
+
+    def grid(self) -> list[Any]:
+        """The values of a grid search over this dimension."""
+        if self.choices is not None:
+            return self.labels()
+        if self.int_range is not None:
+            low, high = self.int_range
+            return list(range(low, high + 1, int(self.step or 1)))
+        if self.step is None:
+            raise ValueError("a float range in a grid sweep needs a step")
+        low, high = self.float_range  # type: ignore[misc]
+        count = math.floor((high - low) / self.step + 1e-9) + 1
+        return [low + i * self.step for i in range(count)]
+
+
+class StudySpec(_Strict):
+    """The Optuna study.
+
+    Args:
+        objectives: Names from ``accuracy`` (maximised), ``unique_values``, ``nll``, ``ece``,
+            ``entropy_bits`` (minimised), measured on the final fixed model.
+        sampler: ``auto`` is NSGA-II for several objectives and TPE for one; ``grid`` runs the
+            full grid of the space; ``random``.
+        seed: Sampler seed.
+        n_trials: Complete trials wanted (a grid defaults to its size).
+        timeout_s: Stop asking for new trials after this long.
+        storage: Optuna storage URL; relative sqlite paths are resolved against the working
+            directory (the default sits beside ``mlruns.db``). PostgreSQL on a cluster.
+    """
+
+    objectives: list[Literal["accuracy", "unique_values", "nll", "ece", "entropy_bits"]] = [
+        "accuracy",
+        "unique_values",
+    ]
+    sampler: Literal["auto", "nsga2", "tpe", "grid", "random"] = "auto"
+    seed: int = 0
+    n_trials: int | None = Field(None, gt=0)
+    timeout_s: float | None = Field(None, gt=0)
+    storage: str = "sqlite:///optuna.db"
+
+    @field_validator("objectives")
+    @classmethod
+    def _distinct(cls, objectives: list[str]) -> list[str]:
+        if not objectives or len(set(objectives)) != len(objectives):
+            raise ValueError("objectives must be a non-empty list without repeats")
+        return objectives
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_url(cls, url: str) -> str:
+        try:
+            parsed = make_url(url)
+        except ArgumentError as err:
+            raise ValueError(f"'{url}' is not a database URL: {err}") from None
+        if parsed.get_backend_name() not in STORAGE_SCHEMES:
+            raise ValueError(f"storage '{url}' must be one of {', '.join(STORAGE_SCHEMES)}")
+        if parsed.get_backend_name() == "sqlite":
+            if not parsed.database:
+                raise ValueError(f"sqlite storage '{url}' names no file")
+            folder = Path(parsed.database).expanduser().resolve().parent
+            if not folder.is_dir():
+                raise ValueError(f"folder '{folder}' of sqlite storage '{url}' does not exist")
+        return url
+
+    @property
+    def directions(self) -> list[str]:
+        return [OBJECTIVES[name][1] for name in self.objectives]
+
+    @property
+    def metric_keys(self) -> list[str]:
+        return [OBJECTIVES[name][0] for name in self.objectives]
+
+    def resolved_storage(self) -> str:
+        """The storage URL with a relative sqlite path made absolute."""
+        url = make_url(self.storage)
+        if url.get_backend_name() == "sqlite" and not Path(url.database).is_absolute():
+            return f"sqlite:///{Path(url.database).expanduser().resolve()}"
+        return self.storage
+
+
+class ExecutionSpec(_Strict):
+    """Where trials run.
+
+    Args:
+        max_parallel: Trials in flight at once when they run as deployment runs (one per GPU
+            worker); in-process trials run one at a time.
+        artifacts_dir: Artifacts folder shared by the trials.
+    """
+
+    max_parallel: int = Field(1, ge=1)
+    artifacts_dir: str = "artifacts"
+
+
+class SweepSpec(_Strict):
+    """A validated sweep: base config, fixed overrides, search space, study, execution."""
+
+    name: str
+    base: Path
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    space: dict[str, Dimension]
+    study: StudySpec = StudySpec()
+    execution: ExecutionSpec = ExecutionSpec()
+
+    @field_validator("space")
+    @classmethod
+    def _not_empty(cls, space: dict[str, Dimension]) -> dict[str, Dimension]:
+        if not space:
+            raise ValueError("the search space is empty")
+        return space
+
+    def base_values(self) -> dict[str, Any]:
+        """The base config with the sweep's fixed overrides and its name applied."""
+        values = apply_overrides(read_yaml(self.base), self.overrides)
+        return apply_overrides(values, {"name": self.name})
+
+    def trial_config(self, params: dict[str, Any]) -> ExperimentConfig:
+        """The experiment config of a trial from Optuna's suggested ``params``."""
+        chosen = {key: self.space[key].value_of(value) for key, value in params.items()}
+        return parse_config(apply_overrides(self.base_values(), chosen))
+
+    def grid(self) -> dict[str, list[Any]]:
+        return {key: dim.grid() for key, dim in self.space.items()}
+
+    @property
+    def sampler(self) -> str:
+        if self.study.sampler != "auto":
+            return self.study.sampler
+        return "nsga2" if len(self.study.objectives) > 1 else "tpe"
+
+    @property
+    def n_trials(self) -> int:
+        if self.study.n_trials is not None:
+            return self.study.n_trials
+        if self.sampler == "grid":
+            return math.prod(len(values) for values in self.grid().values())
+        raise ValueError("study.n_trials is required unless the sampler is grid")
+
+    def check_space(self) -> None:
+        """Build trial configs from the ends of every range and every choice.
+
+        Raises:
+            ConfigError: naming the space key whose values do not make a valid config.
+        """
+        base = self.base_values()
+        parse_config(base)
+        problems = []
+        for key, dim in self.space.items():
+            for value in dim.probe_values():
+                try:
+                    parse_config(apply_overrides(base, {key: value}))
+                except ConfigError as err:
+                    detail = str(err).split("\n", 1)[-1].strip()
+                    problems.append(f"  space.{key} = {value!r}: {detail}")
+                    break
+        if self.sampler == "grid":
+            try:
+                self.grid()
+            except ValueError as err:
+                problems.append(f"  space: {err}")
+        if problems:
+            raise ConfigError("invalid sweep space:\n" + "\n".join(problems))
+
+
+def _format(err: ValidationError, path: Path) -> str:
+    lines = []
+    for item in err.errors():
+        field = ".".join(str(p) for p in item["loc"] if not str(p).startswith("function-"))
+        lines.append(f"  {field}: {item['msg'].removeprefix('Value error, ')}")
+    return f"invalid sweep file '{path}':\n" + "\n".join(lines)
+
+
+def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepSpec:
+    """Read, override and validate a sweep file (the base config and the space included).
+
+    Raises:
+        ConfigError: naming the offending field for any problem.
+    """
+    path = Path(path)
+    values = apply_overrides(read_yaml(path), overrides or {})
+    base = values.get("base")
+    if isinstance(base, str) and not Path(base).is_absolute():
+        values["base"] = str((path.parent / base).resolve())
+    try:
+        spec = SweepSpec.model_validate(values)
+    except ValidationError as err:
+        raise ConfigError(_format(err, path)) from None
+    if not spec.base.is_file():
+        raise ConfigError(f"invalid sweep file '{path}':\n  base: '{spec.base}' does not exist")
+    spec.check_space()
+    return spec
+
+
+def dump_spec(spec: SweepSpec) -> str:
+    """The validated sweep as YAML (logged with the sweep's MLflow run)."""
+    return yaml.safe_dump(spec.model_dump(mode="json", by_alias=True), sort_keys=False)

@@ -1,0 +1,205 @@
+"""The README's "On a server" commands, run for real: a Prefect server, an MLflow server, process
+work pools and workers from the project venv, ``prefect deploy --all`` and
+``prefect deployment run pwf/full-sweep``; the runs are read back through MLflow's REST API and
+the study from its Optuna storage. Ports are free ones instead of 4200/5000/5001."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tests.conftest import ROOT
+
+README = (ROOT / "README.md").read_text()
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Stack:
+    """Background services started from README commands, stopped the documented way."""
+
+    def __init__(self, workdir: Path, ports: dict[str, int]) -> None:
+        self.workdir, self.ports = workdir, ports
+        self.processes: list[tuple[str, subprocess.Popen, int]] = []
+        self.env = {
+            **os.environ,
+            "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+            "PREFECT_HOME": str(workdir / ".prefect"),
+            "PREFECT_API_URL": f"http://127.0.0.1:{ports['4200']}/api",
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['5000']}",
+            "PREFECT_WORKER_QUERY_SECONDS": "2",  # workers poll faster than the default 10 s
+        }
+        for line in README.splitlines():
+            if line.startswith("export PREFECT_SERVER_ANALYTICS_ENABLED"):
+                for assignment in shlex.split(line)[1:]:
+                    key, value = assignment.split("=", 1)
+                    self.env[key] = value
+
+    def command(self, readme_line: str) -> tuple[list[str], dict[str, str]]:
+        """A README command with the test's ports, split into argv and leading VAR=value."""
+        assert readme_line in README, f"README no longer shows: {readme_line}"
+        for default, port in self.ports.items():
+            readme_line = readme_line.replace(default, str(port))
+        words = shlex.split(readme_line)
+        extra = {}
+        while "=" in words[0] and not words[0].startswith("-"):
+            key, value = words.pop(0).split("=", 1)
+            extra[key] = value.replace("$PWD", str(ROOT))
+        return words, extra
+
+    def run(self, readme_line: str, cwd: Path | None = None, timeout: float = 120, **kw) -> str:
+        argv, extra = self.command(readme_line)
+        done = subprocess.run(
+            argv,
+            cwd=cwd or self.workdir,
+            env={**self.env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            **kw,
+        )
+        assert done.returncode == 0, f"{readme_line}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        return done.stdout + done.stderr
+
+    def start(self, name: str, readme_line: str, stop_signals: int = 1) -> None:
+        argv, extra = self.command(readme_line)
+        log = (self.workdir / f"{name}.log").open("w")
+        process = subprocess.Popen(
+            argv,
+            cwd=self.workdir,
+            env={**self.env, **extra},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.processes.append((name, process, stop_signals))
+
+    def stop(self) -> None:
+        # Workers ignore one SIGTERM; two SIGINTs stop them. The servers exit on SIGTERM.
+        for _, process, signals in reversed(self.processes):
+            for _ in range(signals):
+                if process.poll() is None:
+                    process.send_signal(signal.SIGINT if signals > 1 else signal.SIGTERM)
+                    time.sleep(1)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def wait_for(url: str, stack: Stack, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        for name, process, _ in stack.processes:
+            log = stack.workdir / f"{name}.log"
+            assert process.poll() is None, f"{name} exited:\n{log.read_text()[-3000:]}"
+        assert time.time() < deadline, f"{url} did not come up"
+        time.sleep(0.5)
+
+
+def mlflow_rest(port: int, endpoint: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/2.0/mlflow/{endpoint}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_readme_server_commands_run_a_sweep_on_workers(tmp_path):
+    ports = {"4200": free_port(), "5000": free_port(), "5001": free_port()}
+    stack = Stack(tmp_path, ports)
+    try:
+        stack.start("prefect-server", "prefect server start --host 127.0.0.1 --port 4200")
+        stack.start(
+            "mlflow-server",
+            "mlflow server --host 127.0.0.1 --port 5000 --workers 1 "
+            "--backend-store-uri sqlite:///mlruns.db",
+        )
+        wait_for(f"http://127.0.0.1:{ports['4200']}/api/health", stack)
+        wait_for(f"http://127.0.0.1:{ports['5000']}/health", stack)
+        stack.run("prefect work-pool create gpu --type process")
+        stack.run("prefect work-pool create cpu --type process")
+        stack.start(
+            "worker-gpu",
+            "CUDA_VISIBLE_DEVICES=0 prefect worker start --pool gpu --limit 1",
+            stop_signals=2,
+        )
+        stack.start("worker-cpu", "prefect worker start --pool cpu", stop_signals=2)
+        deployed = stack.run("PWF_PROJECT_DIR=$PWD prefect --no-prompt deploy --all", cwd=ROOT)
+        assert "pwf/full-sweep" in deployed and "pwf-experiment/gpu" in deployed
+
+        storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+        overrides = {
+            "study.n_trials": 2,
+            "study.storage": storage,
+            "execution.artifacts_dir": str(tmp_path / "artifacts"),
+            "overrides": {"pretrain.epochs": 3, "train.epochs": 0.25, "eval.mc_samples": 0},
+            "space": {
+                "fixing.b": {"int": [4, 6]},
+                "fixing.schedule": {"choices": {"two": [0.5, 1.0], "three": [0.4, 0.8, 1.0]}},
+            },
+        }
+        readme_run = (
+            "prefect deployment run pwf/full-sweep "
+            """--param overrides='{"study.n_trials": 24}' --watch"""
+        )
+        argv, _ = stack.command(readme_run)
+        argv[argv.index("--param") + 1] = f"overrides={json.dumps(overrides)}"
+        argv += ["--watch-timeout", "600"]
+        done = subprocess.run(
+            argv, cwd=tmp_path, env=stack.env, capture_output=True, text=True, timeout=660
+        )
+        output = done.stdout + done.stderr
+        assert done.returncode == 0 and "Completed" in output, output[-4000:]
+
+        study = optuna.load_study(study_name="full-sweep", storage=storage)
+        assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
+
+        experiments = mlflow_rest(ports["5000"], "experiments/search", {"max_results": 50})
+        (experiment,) = [e for e in experiments["experiments"] if e["name"] == "full-sweep"]
+        runs = mlflow_rest(
+            ports["5000"], "runs/search", {"experiment_ids": [experiment["experiment_id"]]}
+        )
+        runs = runs["runs"]
+        tags = [{t["key"]: t["value"] for t in run["data"].get("tags", [])} for run in runs]
+        (parent,) = [r for r, t in zip(runs, tags, strict=True) if t.get("kind") == "sweep"]
+        children = [t for t in tags if t.get("mlflow.parentRunId") == parent["info"]["run_id"]]
+        assert len(runs) == 3 and len(children) == 2
+        assert all(run["info"]["status"] == "FINISHED" for run in runs)
+        assert {t["sweep.trial"] for t in children} == {"0", "1"}
+
+        stack.start(
+            "mlflow-ui",
+            "mlflow ui --backend-store-uri sqlite:///mlruns.db --host 127.0.0.1 --port 5001",
+        )
+        wait_for(f"http://127.0.0.1:{ports['5001']}/", stack)
+    finally:
+        stack.stop()

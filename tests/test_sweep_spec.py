@@ -1,0 +1,93 @@
+"""Sweep files: validation before anything runs, and the mapping of the space onto configs."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.sweep_spec import load_sweep
+from pwf_core.config import ConfigError
+from tests.conftest import DEFAULT_CONFIG, ROOT
+
+SHIPPED = sorted((ROOT / "sweeps").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_sweeps_validate(path: Path):
+    spec = load_sweep(path)
+    assert spec.n_trials >= 2
+    if "ablations" in path.parts or path.name == "methods.yaml":
+        assert spec.sampler == "grid" and len(spec.space) <= 2
+
+
+def write_sweep(tmp_path: Path, **fields) -> Path:
+    values = {
+        "name": "t",
+        "base": str(DEFAULT_CONFIG),
+        "space": {"fixing.reg": {"float": [1e-5, 1e-2], "log": True}},
+        "study": {"n_trials": 3, "storage": f"sqlite:///{tmp_path / 'optuna.db'}"},
+    }
+    for key, value in fields.items():
+        values[key] = value
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+BAD = [
+    ({"space": {"fixing.nope": {"choices": [1, 2]}}}, "space.fixing.nope = 1: fixing.nope: Extra"),
+    ({"space": {"trian.epochs": {"int": [1, 3]}}}, "space.trian.epochs = 1: trian: Extra"),
+    ({"space": {"fixing.b": {"int": [0, 5]}}}, "space.fixing.b = 0: fixing.b: Input should be"),
+    ({"space": {"fixing.reg": {"float": [0.01, 0.01]}}}, "space.fixing.reg: empty range"),
+    ({"space": {"fixing.reg": {"float": [0.0, 0.1], "log": True}}}, "log range needs low > 0"),
+    ({"space": {"fixing.b": {"choices": []}}}, "space.fixing.b: choices is empty"),
+    ({"space": {"fixing.b": {"choices": [[1], [2]]}}}, "are not scalars"),
+    ({"space": {"fixing.b": {"int": [4, 6], "choices": [4]}}}, "exactly one of"),
+    ({"space": {}}, "space: the search space is empty"),
+    (
+        {"study": {"n_trials": 3, "storage": "not a url"}},
+        "study.storage: 'not a url' is not a database URL",
+    ),
+    ({"study": {"n_trials": 3, "storage": "redis://localhost/0"}}, "must be one of sqlite"),
+    ({"study": {"n_trials": 3, "storage": "sqlite:////no/such/dir/o.db"}}, "does not exist"),
+    ({"study": {"n_trials": 0}}, "study.n_trials: Input should be greater than 0"),
+    ({"study": {"objectives": ["speed"]}}, "study.objectives.0"),
+    ({"base": "/no/base.yaml"}, "base: '/no/base.yaml' does not exist"),
+    ({"trials": 3}, "trials: Extra inputs are not permitted"),
+]
+
+
+@pytest.mark.parametrize(("fields", "message"), BAD)
+def test_bad_sweeps_fail_with_the_field_named(tmp_path, fields, message):
+    with pytest.raises(ConfigError) as err:
+        load_sweep(write_sweep(tmp_path, **fields))
+    assert message in str(err.value), str(err.value)
+
+
+def test_space_maps_onto_config_fields(tmp_path):
+    space = {
+        "fixing.reg": {"float": [1e-5, 1e-2], "log": True},
+        "fixing.b": {"int": [4, 7]},
+        "fixing.schedule": {"choices": {"short": [0.5, 1.0], "paper": [0.2, 1.0]}},
+    }
+    spec = load_sweep(write_sweep(tmp_path, space=space, overrides={"train.epochs": 1}))
+    config = spec.trial_config({"fixing.reg": 0.001, "fixing.b": 5, "fixing.schedule": "short"})
+    assert config.fixing.reg == 0.001 and config.fixing.b == 5
+    assert config.fixing.schedule == (0.5, 1.0)
+    assert config.train.epochs == 1 and config.name == "t"  # overrides and the sweep's name
+
+
+def test_methods_sweep_swaps_whole_fixing_sections():
+    spec = load_sweep(ROOT / "sweeps" / "methods.yaml")
+    methods = {
+        label: spec.trial_config({"fixing": label}).fixing.method for label in spec.grid()["fixing"]
+    }
+    assert methods == {"pwfn": "pwfn", "wfn": "wfn", "kmeans": "kmeans", "uniform": "uniform"}
+
+
+def test_overrides_and_auto_sampler(tmp_path):
+    path = write_sweep(tmp_path)
+    assert load_sweep(path).sampler == "nsga2"
+    single = load_sweep(path, {"study.objectives": ["accuracy"], "study.n_trials": 5})
+    assert single.sampler == "tpe" and single.n_trials == 5
+    assert single.study.directions == ["maximize"]
