@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from results_file import write_results
 from torch import nn
 
 from pwf_core.bayes import set_sigma_regulariser, to_bayesian
@@ -93,22 +93,7 @@ def main() -> None:
         }
         rows.append(row)
         print(json.dumps(row))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "benchmark": "bayes_overhead",
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "machine": platform.processor() or platform.machine(),
-                "device": "cpu",
-                "results": rows,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    print(f"wrote {RESULTS}")
+    write_results(RESULTS, "bayes_overhead", rows, device="cpu")
 
 
 if __name__ == "__main__":

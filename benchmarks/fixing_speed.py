@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from results_file import write_results
 
 RESULTS = Path(__file__).parent / "results" / "fixing_speed.json"
 CASES = {"1M": 1_000_000, "25.6M": 25_600_000, "resnet50": None}
@@ -113,23 +113,13 @@ def main() -> None:
         row = json.loads(output.strip().splitlines()[-1])
         print(json.dumps(row))
         rows.append(row)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(
-        json.dumps(
-            {
-                "benchmark": "fixing_speed",
-                "schedule": "paper, 10 rounds, t=1, inc=2, b=7, max order 4, zero-fix, std_mu",
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "machine": platform.processor() or platform.machine(),
-                "reference_numpy_1M": {"seconds": 66, "peak_gb": 1.1},
-                "results": rows,
-            },
-            indent=2,
-        )
-        + "\n"
+    write_results(
+        args.output,
+        "fixing_speed",
+        rows,
+        schedule="paper, 10 rounds, t=1, inc=2, b=7, max order 4, zero-fix, std_mu",
+        reference_numpy_1M={"seconds": 66, "peak_gb": 1.1},
     )
-    print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":

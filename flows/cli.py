@@ -23,6 +23,17 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 
 
+def _add_overrides(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override {what} (repeatable)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pwf", description="Probabilistic weight fixing pipeline")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -34,28 +45,14 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_CONFIG,
         help=f"experiment YAML (default: {DEFAULT_CONFIG.relative_to(ROOT)})",
     )
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set fixing.reg=0.001 (repeatable)",
-    )
+    _add_overrides(run, "a config field, e.g. --set fixing.reg=0.001")
     run.add_argument(
         "--artifacts", default="artifacts", help="artifacts folder (default: ./artifacts)"
     )
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     sweep = commands.add_parser("sweep", help="run or continue an Optuna sweep (the pwf flow)")
     sweep.add_argument("sweep", type=Path, help="sweep YAML, e.g. sweeps/full-sweep.yaml")
-    sweep.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a sweep field, e.g. --set study.n_trials=4 (repeatable)",
-    )
+    _add_overrides(sweep, "a sweep field, e.g. --set study.n_trials=4")
     sweep.add_argument(
         "--report",
         action="store_true",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
@@ -247,7 +248,7 @@ def pwf_experiment(
     started = time.perf_counter()
     try:
         if not files.config.is_file():
-            write_text_atomic(files.config, json.dumps(values, indent=2))
+            write_text_atomic(files.config, yaml.safe_dump(values, sort_keys=False))
         tracker.log_params(flatten_config(cfg))
         tracker.set_tags({"run_key": run_key(cfg), "artifacts": str(files.root), **(tags or {})})
         compute_s = 0.0  # time in pwf_core (training, fixing, evaluation), not orchestration
@@ -274,18 +275,23 @@ def pwf_experiment(
                 fixing_round_task(values, index, str(previous), artifacts_dir, progress)["path"]
             )
             _log_rounds(tracker, files, index + 1, logged)
-        summary = evaluate_task(values, str(previous), artifacts_dir)
-        compute_s += summary["seconds"]
-        tracker.log_metrics({f"final/{k}": v for k, v in summary["metrics"].items()})
-        elapsed = time.perf_counter() - started
-        timing = {"time/experiment_s": elapsed, "time/compute_s": compute_s}
+            times = read_header(previous)["metrics"]
+            compute_s += times["time/train_s"] + times["time/fix_s"] + times["time/eval_s"]
+        if files.summary.is_file() and tracker.logged_steps("final/cls/acc"):
+            logger.info("experiment already complete: %s", files.summary)
+            summary = json.loads(files.summary.read_text())
+        else:
+            summary = evaluate_task(values, str(previous), artifacts_dir)
+            compute_s += summary["seconds"]
+            tracker.log_metrics({f"final/{k}": v for k, v in summary["metrics"].items()})
+            tracker.log_artifact(files.config)
+            outputs = summary["outputs"]
+            tracker.log_artifact(Path(outputs["rounds"]), "tables")
+            tracker.log_artifact(Path(outputs["centres"]), "tables")
+            tracker.log_artifact(Path(outputs["plot"]), "plots")
+            tracker.log_artifact(Path(outputs["model"]), "model")
+        timing = {"time/experiment_s": time.perf_counter() - started, "time/compute_s": compute_s}
         tracker.log_metrics(timing)
-        tracker.log_artifact(files.config)
-        outputs = summary["outputs"]
-        tracker.log_artifact(Path(outputs["rounds"]), "tables")
-        tracker.log_artifact(Path(outputs["centres"]), "tables")
-        tracker.log_artifact(Path(outputs["plot"]), "plots")
-        tracker.log_artifact(Path(outputs["model"]), "model")
     except KeyboardInterrupt:
         tracker.finish("KILLED")
         raise

@@ -77,6 +77,10 @@ def test_flow_logs_every_round_and_artifact(prefect_server, mlflow_store, tmp_pa
         "model/model.pwf.safetensors",
     }
     assert result["metrics"]["ws/unique_values"] <= 64
+    again = pwf_experiment(config=config, artifacts_dir=str(tmp_path / "a"), progress=False)
+    assert again["run_id"] == result["run_id"] and again["metrics"] == result["metrics"]
+    assert len(client.get_metric_history(run.info.run_id, "final/cls/acc")) == 1  # not re-run
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
 
 
 @pytest.mark.integration
