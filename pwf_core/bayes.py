@@ -135,7 +135,8 @@ def _draw_samples(module: nn.Module, args: tuple) -> None:
         mu = module._parameters[name]
         sigma = module._parameters[f"{name}_sigma"]
         buffers = noise.get(name)
-        if buffers is None or buffers[0].shape != mu.shape or buffers[0].device != mu.device:
+        layout = (mu.shape, mu.device, mu.dtype)
+        if buffers is None or (buffers[0].shape, buffers[0].device, buffers[0].dtype) != layout:
             buffers = noise[name] = tuple(
                 torch.empty_like(mu, memory_format=torch.contiguous_format) for _ in range(2)
             )

@@ -132,3 +132,15 @@ def test_regulariser_only_below_the_cap():
     # -reg * relu(cap - sigma) * |eps|: pushes sigma up (negative gradient) below the cap only.
     assert torch.allclose(grad, torch.tensor([-0.08, -0.04, 0.0, 0.0]))
     assert SIGMA_FLOOR == 2.0**-30
+
+
+def test_second_sampling_forward_before_backward_is_refused():
+    # The noise buffer is refilled in place, so a pending backward must not see new noise.
+    layer = nn.Linear(3, 2)
+    to_bayesian(layer, sigma_init=0.1)
+    layer.train()
+    x = torch.randn(4, 3)
+    first = layer(x).sum()
+    layer(x)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        first.backward()

@@ -161,6 +161,7 @@ def test_readme_server_commands_run_a_sweep_on_workers(tmp_path):
             "study.n_trials": 2,
             "study.storage": storage,
             "execution.artifacts_dir": str(tmp_path / "artifacts"),
+            "execution.max_parallel": 2,  # both submitted at once; the worker queues one
             "overrides": {"pretrain.epochs": 3, "train.epochs": 0.25, "eval.mc_samples": 0},
             "space": {
                 "fixing.b": {"int": [4, 6]},
