@@ -121,9 +121,6 @@ class RunTracker:
         """Mark the run ``FINISHED`` or ``FAILED`` (what was logged stays)."""
         self.client.set_terminated(self.run_id, status=status)
 
-    def status(self) -> str:
-        return self.client.get_run(self.run_id).info.status
-
 
 def experiment_tags(config: ExperimentConfig) -> dict[str, str]:
     """Tags every experiment run carries."""
