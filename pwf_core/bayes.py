@@ -25,6 +25,7 @@ SIGMA_CAP = 0.05
 CONVERTIBLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _SAMPLED = ("weight", "bias")
 _BAYESIAN_CLASSES: dict[type, type] = {}
+_ORIGINAL_CLASSES: dict[type, type] = {}
 
 
 _NOISE_CHUNK = 1 << 20
@@ -119,7 +120,9 @@ def _sampled_attribute(name: str) -> property:
 def _bayesian_class(cls: type) -> type:
     if cls not in _BAYESIAN_CLASSES:
         attrs = {name: _sampled_attribute(name) for name in _SAMPLED}
-        _BAYESIAN_CLASSES[cls] = type(f"Bayesian{cls.__name__}", (cls,), attrs)
+        bayesian = type(f"Bayesian{cls.__name__}", (cls,), attrs)
+        _BAYESIAN_CLASSES[cls] = bayesian
+        _ORIGINAL_CLASSES[bayesian] = cls
     return _BAYESIAN_CLASSES[cls]
 
 
@@ -210,8 +213,8 @@ def to_bayesian(model: nn.Module, sigma_init: float = 1e-4) -> ConversionReport:
     """Convert every conv/linear weight and bias of ``model`` in place.
 
     Covers subclasses too (timm's ``Conv2dSame``, ``StdConv2d``, a ViT's attention ``Linear``).
-    Sigma starts at the constant ``sigma_init``; :func:`pwf_core.variance.init_sigma_` replaces it
-    with the power-of-two prior. Converting an already converted model changes nothing.
+    Sigma starts at the constant ``sigma_init``; a method's initialisation replaces it (PWFN:
+    the power-of-two prior). Converting an already converted model changes nothing.
 
     Args:
         model: The network; it keeps its structure, names and forward.
@@ -238,9 +241,38 @@ def to_bayesian(model: nn.Module, sigma_init: float = 1e-4) -> ConversionReport:
             _pwf_regulariser=(0.0, SIGMA_CAP),
         )
         module.__class__ = _bayesian_class(type(module))
-        module.register_forward_pre_hook(_draw_samples)
-        module.register_forward_hook(_drop_samples)
+        module.__dict__["_pwf_hooks"] = (
+            module.register_forward_pre_hook(_draw_samples),
+            module.register_forward_hook(_drop_samples),
+        )
     return conversion_report(model)
+
+
+def strip(model: nn.Module) -> nn.Module:
+    """Undo the conversion in place: original classes, original ``state_dict`` keys.
+
+    Each converted weight keeps its mean (after fixing: its codebook value); sigmas, fixed
+    masks and the sampling hooks are removed, and any structure a method attached to the
+    model (e.g. shared Gaussians) is detached. The result loads into, and behaves like, a
+    fresh instance of the user's class.
+
+    Returns:
+        ``model`` itself.
+    """
+    for detach in model.__dict__.pop("_pwf_detach", []):
+        detach(model)
+    for module in model.modules():
+        if not is_bayesian(module):
+            continue
+        for handle in module.__dict__["_pwf_hooks"]:
+            handle.remove()
+        for name in module.__dict__["_pwf_names"]:
+            del module._parameters[f"{name}_sigma"]
+            del module._buffers[f"{name}_fixed_mask"]
+        for key in [k for k in module.__dict__ if k.startswith("_pwf_")]:
+            del module.__dict__[key]
+        module.__class__ = _ORIGINAL_CLASSES[type(module)]
+    return model
 
 
 def conversion_report(model: nn.Module) -> ConversionReport:

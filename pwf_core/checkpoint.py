@@ -1,90 +1,66 @@
-"""Files on disk: atomic writes (a crash leaves the old file or the new one, never half of one)
-and safetensors reads that fail with the path named."""
+"""Checkpoints of a run in progress: the converted model's state and its method's state.
+
+A checkpoint is one safetensors file holding ``model.state_dict()`` (means, sigmas, fixed
+masks, norms), the method's tensors under ``method.*``, and a JSON header (the step's metrics,
+what the step was). Together with the seed this is all a resumed run needs: every step reseeds
+from the seed and its own position and builds a fresh optimiser.
+"""
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+import json
 from pathlib import Path
+from typing import Any
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from torch import nn
 
+from pwf_core._files import CheckpointError, load_tensors, read_metadata, save_tensors
+from pwf_core.methods.base import Method
 
-class CheckpointError(RuntimeError):
-    """A tensor file that is missing, unreadable or does not fit the model."""
+_METHOD_PREFIX = "method."
+_HEADER_KEY = "pwf"
 
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto it.
-
-    Example: ``with atomic_path(out) as tmp: frame.to_parquet(tmp)``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+__all__ = ["CheckpointError", "load_checkpoint", "read_checkpoint_header", "save_checkpoint"]
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write a text file atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-    return Path(path)
-
-
-def save_tensors(
-    path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    method: Method | None = None,
+    header: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``tensors`` (and string ``metadata``) to a safetensors file atomically."""
-    # safetensors refuses tensors that share storage, so every entry gets its own copy.
-    owned = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(owned, str(tmp), metadata=dict(metadata or {}))
-    return Path(path)
+    """Write ``model``'s state (and ``method``'s) with a JSON ``header``, atomically."""
+    tensors = dict(model.state_dict())
+    if method is not None:
+        tensors.update({_METHOD_PREFIX + k: v for k, v in method.state_dict().items()})
+    return save_tensors(path, tensors, {_HEADER_KEY: json.dumps(header or {})})
 
 
-def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from a ``.safetensors`` file or a ``.pt``/``.pth`` file.
+def load_checkpoint(
+    path: str | Path, model: nn.Module, method: Method | None = None
+) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and ``method``).
 
-    ``.pt`` files are read with ``weights_only=True``; a ``{"state_dict": ...}`` wrapper is
-    unwrapped.
+    ``model`` must be converted the way it was when saved (or plain, for a checkpoint saved
+    before conversion). Returns the header.
 
     Raises:
-        CheckpointError: naming the path when the file is missing or unreadable.
+        CheckpointError: naming the path when it is missing, unreadable or does not fit.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    tensors = load_tensors(path)
+    state = {k: v for k, v in tensors.items() if not k.startswith(_METHOD_PREFIX)}
+    if method is not None:
+        method.before_load(model, state)
+        method.load_state_dict(
+            {k.removeprefix(_METHOD_PREFIX): v for k, v in tensors.items() if k not in state}
+        )
     try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as err:
-        raise CheckpointError(f"cannot read checkpoint '{path}': {err}") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"checkpoint '{path}' does not hold a state dict of tensors")
-    return state
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint '{path}' does not fit the model: {err}") from None
+    return read_checkpoint_header(path)
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The string metadata of a safetensors file (its JSON header's ``__metadata__``)."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"cannot read checkpoint '{path}': {err}") from None
+def read_checkpoint_header(path: str | Path) -> dict[str, Any]:
+    """The JSON header of a checkpoint, without loading its tensors."""
+    return json.loads(read_metadata(path).get(_HEADER_KEY, "{}"))

@@ -3,14 +3,19 @@
 Everything a run depends on lives in :class:`ExperimentConfig`: its hash keys caches, its
 flattened form is what trackers record as parameters, and sweeps name its dotted fields.
 Bad values fail with :class:`ConfigError`, whose message names each offending field.
+
+The method's knobs live in the ``compression`` section, validated by the config class that the
+section's ``method`` names (see :mod:`pwf_core.registry`). ``fixing`` is its old name and is
+still read.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
-import itertools
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -26,20 +31,45 @@ from pydantic import (
     model_validator,
 )
 
-PAPER_SCHEDULE = (0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 0.975, 0.99, 1.0)
+from pwf_core.registry import MethodConfig, as_method_config, config_class
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 
+SECTION = "compression"
+DEFAULT_METHOD = "pwfn"
+LEGACY_SECTION = "fixing"
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+NAME_MAX = 100
+
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names every offending field."""
 
 
+def check_name(name: str, what: str = "name") -> str:
+    """A name that is safe as one path component: letters, digits, ``.``, ``_``, ``-``.
+
+    Experiment and sweep names become folder names and MLflow experiment names, and a
+    deployment takes them from any API caller, so ``../x``, ``/abs`` or very long names are
+    refused here rather than written outside the artifacts folder.
+    """
+    if not name:
+        raise ValueError(f"{what} is empty")
+    if len(name) > NAME_MAX:
+        raise ValueError(f"{what} is {len(name)} characters long; at most {NAME_MAX}")
+    if not NAME_PATTERN.fullmatch(name):
+        raise ValueError(
+            f"{what} '{name}' may only hold letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -128,7 +158,7 @@ class PretrainConfig(OptimConfig):
     cosine: bool = True
 
 
-class RoundTrainConfig(OptimConfig):
+class TrainConfig(OptimConfig):
     """Training of the free weights before each fixing round.
 
     Args:
@@ -142,34 +172,6 @@ class RoundTrainConfig(OptimConfig):
     def epochs_before(self, round_index: int) -> float:
         """Epochs of training that precede fixing round ``round_index``."""
         return self.first_round_epochs if round_index == 0 else self.epochs
-
-
-class FixingConfig(_Section):
-    """Knobs every fixing method has; each method extends it with its own.
-
-    Args:
-        method: Registered method name (``pwfn``, ``wfn``, ``kmeans``, ``uniform``).
-        schedule: Fraction of converted weights fixed after each round; strictly increasing,
-            in (0, 1], ending at 1.0.
-    """
-
-    method: str = "pwfn"
-    schedule: tuple[float, ...] = PAPER_SCHEDULE
-
-    @field_validator("schedule")
-    @classmethod
-    def _valid_schedule(cls, schedule: tuple[float, ...]) -> tuple[float, ...]:
-        if not schedule:
-            raise ValueError("schedule is empty")
-        if any(not 0.0 < f <= 1.0 for f in schedule):
-            raise ValueError(f"every fraction must be in (0, 1]; got {list(schedule)}")
-        if any(b <= a for a, b in itertools.pairwise(schedule)):
-            raise ValueError(f"schedule must be strictly increasing; got {list(schedule)}")
-        if not math.isclose(schedule[-1], 1.0):
-            raise ValueError(
-                f"schedule must end at 1.0 so every weight is fixed; got {schedule[-1]}"
-            )
-        return schedule
 
 
 class EvalConfig(_Section):
@@ -187,9 +189,11 @@ class ExperimentConfig(_Section):
     """Everything one pwf experiment depends on.
 
     Args:
-        name: Experiment name (the MLflow experiment is named after it).
+        name: Experiment name: the MLflow experiment and the artifacts folder are named after
+            it (letters, digits, ``.``, ``_``, ``-``; at most 100 characters).
         seed: Seed for data splits, initialisation, sampling and shuffling.
         device: ``auto`` picks CUDA when present, else CPU; or an explicit torch device string.
+        compression: The method and its knobs, e.g. ``{method: pwfn, b: 5}``.
     """
 
     name: str = "pwf-default"
@@ -198,9 +202,16 @@ class ExperimentConfig(_Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     pretrain: PretrainConfig = PretrainConfig()
-    train: RoundTrainConfig = RoundTrainConfig()
-    fixing: SerializeAsAny[FixingConfig] = Field(default_factory=lambda: _fixing_from({}))
+    train: TrainConfig = TrainConfig()
+    compression: SerializeAsAny[MethodConfig] = Field(
+        default_factory=lambda: config_class(DEFAULT_METHOD)()
+    )
     eval: EvalConfig = EvalConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        return check_name(name)
 
     @field_validator("device")
     @classmethod
@@ -215,14 +226,12 @@ class ExperimentConfig(_Section):
             raise ValueError(f"'{device}' is not a torch device: {err}") from None
         return device
 
-    @field_validator("fixing", mode="before")
+    @field_validator("compression", mode="before")
     @classmethod
-    def _method_config(cls, value: Any) -> FixingConfig:
-        if isinstance(value, FixingConfig):
-            return value
-        if not isinstance(value, Mapping):
-            raise ValueError("fixing must be a mapping")
-        return _fixing_from(value)
+    def _method_config(cls, value: Any) -> MethodConfig:
+        if isinstance(value, Mapping) and "method" not in value:
+            value = {"method": DEFAULT_METHOD, **value}
+        return as_method_config(value)
 
     def resolved_device(self) -> str:
         """The torch device this config runs on (``auto`` resolved)."""
@@ -233,20 +242,30 @@ class ExperimentConfig(_Section):
         return self.device
 
 
-def _fixing_from(values: Mapping[str, Any]) -> FixingConfig:
-    # Imported here because the method modules import this one for FixingConfig.
-    from pwf_core.methods import method_config_class
-
-    return method_config_class(values.get("method", "pwfn")).model_validate(dict(values))
-
-
-def _format_errors(err: ValidationError) -> str:
+def _format_errors(err: ValidationError, title: str = "invalid experiment config") -> str:
     lines = []
     for item in err.errors():
         field = ".".join(str(part) for part in item["loc"] if not str(part).startswith("function-"))
         message = item["msg"].removeprefix("Value error, ")
         lines.append(f"  {field or '<config>'}: {message}")
-    return "invalid experiment config:\n" + "\n".join(lines)
+    return f"{title}:\n" + "\n".join(lines)
+
+
+def _current_section_name(values: Mapping[str, Any]) -> str:
+    if LEGACY_SECTION in values and SECTION in values:
+        raise ConfigError(
+            f"the config has both '{SECTION}' and '{LEGACY_SECTION}' sections; "
+            f"'{LEGACY_SECTION}' is the old name of '{SECTION}': keep one"
+        )
+    return LEGACY_SECTION if LEGACY_SECTION in values else SECTION
+
+
+def _renamed_legacy(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``fixing:`` (the section's old name) read as ``compression:``."""
+    values = dict(values)
+    if _current_section_name(values) == LEGACY_SECTION:
+        values[SECTION] = values.pop(LEGACY_SECTION)
+    return values
 
 
 def parse_config(values: Mapping[str, Any]) -> ExperimentConfig:
@@ -256,48 +275,126 @@ def parse_config(values: Mapping[str, Any]) -> ExperimentConfig:
         ConfigError: naming every offending field.
     """
     try:
-        return ExperimentConfig.model_validate(dict(values))
+        return ExperimentConfig.model_validate(_renamed_legacy(values))
     except ValidationError as err:
         raise ConfigError(_format_errors(err)) from None
 
 
+def _merge(node: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``node[key]``; a mapping merges into an existing section instead of replacing it."""
+    current = node.get(key)
+    if isinstance(value, Mapping) and isinstance(current, dict):
+        for child_key, child_value in value.items():
+            _merge(current, str(child_key), child_value)
+    else:
+        node[key] = copy.deepcopy(value)
+
+
+def _asked_method(parts: list[str], value: Any) -> Any:
+    """The method an override asks for, if it names one."""
+    if parts == [SECTION, "method"]:
+        return value
+    if parts == [SECTION] and isinstance(value, Mapping):
+        return value.get("method")
+    return None
+
+
 def apply_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Return a copy of ``values`` with dotted-key overrides (``fixing.reg: 0.001``) applied."""
-    merged: dict[str, Any] = json.loads(json.dumps(dict(values), default=str))
-    for dotted, value in overrides.items():
+    """Return a copy of ``values`` with dotted-key overrides (``compression.reg: 0.001``) applied.
+
+    A mapping value merges into the section it names (``pretrain: {epochs: 1}`` changes only
+    ``pretrain.epochs``). A different ``compression.method`` resets the section to that
+    method's defaults first: the old method's knobs (and its schedule) are not the new one's.
+
+    Raises:
+        ConfigError: when a dotted key runs through a value that is not a section.
+    """
+    merged = _renamed_legacy(json.loads(json.dumps(dict(values), default=str)))
+    named = [(dotted.split("."), value) for dotted, value in overrides.items()]
+    for parts, _ in named:
+        if parts[0] == LEGACY_SECTION:
+            parts[0] = SECTION
+    # Method switches first, so that knobs given beside one apply to the new method.
+    named.sort(key=lambda item: _asked_method(*item) is None)
+    for parts, value in named:
+        asked = _asked_method(parts, value)
+        section = merged.get(SECTION)
+        current = section.get("method", DEFAULT_METHOD) if isinstance(section, dict) else None
+        if asked is not None and asked != current:
+            merged[SECTION] = {"method": asked}
         node = merged
-        *parents, leaf = dotted.split(".")
+        *parents, leaf = parts
         for part in parents:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
+                dotted = ".".join(parts)
                 raise ConfigError(f"invalid override '{dotted}': '{part}' is not a section")
             node = child
-        node[leaf] = value
+        _merge(node, leaf, value)
     return merged
 
 
+def _finite(value: Any, key: str) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"override '{key}': {value} is not a finite number")
+    if isinstance(value, Mapping):
+        for child in value.values():
+            _finite(child, key)
+    if isinstance(value, list):
+        for child in value:
+            _finite(child, key)
+    return value
+
+
 def parse_override_strings(items: Iterable[str]) -> dict[str, Any]:
-    """Parse ``key=value`` strings (values as YAML scalars) into a dotted-key mapping."""
+    """Parse ``key=value`` strings (values as YAML) into a dotted-key mapping.
+
+    Raises:
+        ConfigError: for an item without ``=``, a value that is not YAML, or NaN/infinity.
+    """
     parsed = {}
     for item in items:
         key, sep, text = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not of the form section.field=value")
-        parsed[key.strip()] = yaml.safe_load(text)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(
+                f"override '{item}': the value is not valid YAML ({problem})"
+            ) from None
+        parsed[key] = _finite(value, key)
     return parsed
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping from ``path``, with a clear error when it is missing or malformed."""
+def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """Read a YAML mapping from ``path``, with a clear error when it is missing or malformed.
+
+    Raises:
+        ConfigError: for a missing, unreadable, non-UTF-8, empty or malformed file, or one
+            that does not hold a mapping.
+    """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
+        raise ConfigError(f"{what} '{path}' does not exist")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{what} '{path}' is not UTF-8 text (byte {err.start}: {err.reason})"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"cannot read {what} '{path}': {err.strerror}") from None
+    try:
+        values = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {err}") from None
+    if values is None:
+        raise ConfigError(f"{what} '{path}' is empty")
     if not isinstance(values, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+        raise ConfigError(f"{what} '{path}' must hold a mapping at the top level")
     return values
 
 
@@ -308,7 +405,7 @@ def load_config(
 
     Args:
         path: YAML file; ``None`` gives the built-in defaults (digits + small CNN + PWFN).
-        overrides: Dotted keys to replace, e.g. ``{"fixing.reg": 0.001}``.
+        overrides: Dotted keys to replace, e.g. ``{"compression.reg": 0.001}``.
 
     Raises:
         ConfigError: for a missing file, bad YAML or any invalid field.

@@ -297,14 +297,45 @@ def load_mnist_dataset(folder: Path, val_fraction: float) -> ImageDataset:
     return _tensor_dataset("mnist", *arrays["train"], *arrays["test"], val_fraction, num_classes=10)
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles what a CIFAR-10 batch holds (dicts, lists, bytes, str, ints and NumPy
+    arrays) and nothing else: a crafted batch cannot name a function to run."""
+
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy.core.numeric", "_frombuffer"),
+            ("numpy._core.numeric", "_frombuffer"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> type:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}")
+        return super().find_class(module, name)
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as handle:
-            batch = pickle.load(handle, encoding="bytes")
+            batch = _BatchUnpickler(handle, encoding="bytes").load()
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    except (OSError, pickle.UnpicklingError, KeyError, TypeError, EOFError) as err:
-        raise DatasetError(f"'{path}' is not a CIFAR-10 python batch: {err!r}") from None
+    except (
+        OSError,
+        pickle.UnpicklingError,
+        KeyError,
+        TypeError,
+        EOFError,
+        ValueError,
+        IndexError,
+        AttributeError,
+    ) as err:
+        raise DatasetError(f"'{path}' is not a CIFAR-10 python batch: {err}") from None
     if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
         raise DatasetError(
             f"'{path}' has data {data.shape} and {len(labels)} labels; expected (n, 3072)"
@@ -337,8 +368,35 @@ def load_cifar10_dataset(folder: Path, val_fraction: float) -> ImageDataset:
     )
 
 
+def read_image(path: str):
+    """An RGB image, or :class:`DatasetError` naming the file that does not decode."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as handle:
+            image = Image.open(handle)
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise DatasetError(f"image '{path}' cannot be read: {err}") from None
+
+
+SAMPLE_CHECKED = 64  # image files decoded per split before anything starts
+
+
+def _check_images(dataset, split: str) -> None:
+    if len(dataset.samples) == 0:
+        raise DatasetError(f"'{dataset.root}' ({split}) holds no image files")
+    step = max(1, len(dataset.samples) // SAMPLE_CHECKED)
+    for path, _ in dataset.samples[::step][:SAMPLE_CHECKED]:
+        read_image(path)
+
+
 def load_imagefolder_dataset(folder: Path, img_size: int, val_fraction: float, workers: int):
-    """An ImageNet-style tree: ``folder/train/<class>/*`` and ``folder/val/<class>/*``."""
+    """An ImageNet-style tree: ``folder/train/<class>/*`` and ``folder/val/<class>/*``.
+
+    A spread of up to 64 files per split is decoded at once, so a folder of broken files fails
+    before training starts; any other broken file fails with its path when it is read.
+    """
     from torchvision import datasets, transforms
 
     for split in ("train", "val"):
@@ -362,11 +420,13 @@ def load_imagefolder_dataset(folder: Path, img_size: int, val_fraction: float, w
         ]
     )
     try:
-        train_full = datasets.ImageFolder(str(folder / "train"), transform=train_tf)
-        val_full = datasets.ImageFolder(str(folder / "train"), transform=eval_tf)
-        test = datasets.ImageFolder(str(folder / "val"), transform=eval_tf)
+        train_full = datasets.ImageFolder(str(folder / "train"), train_tf, loader=read_image)
+        val_full = datasets.ImageFolder(str(folder / "train"), eval_tf, loader=read_image)
+        test = datasets.ImageFolder(str(folder / "val"), eval_tf, loader=read_image)
     except (FileNotFoundError, OSError) as err:
         raise DatasetError(f"cannot read image folder '{folder}': {err}") from None
+    _check_images(train_full, "train")
+    _check_images(test, "val")
     if train_full.classes != test.classes:
         raise DatasetError(f"'{folder}/train' and '{folder}/val' have different class folders")
     train_idx, val_idx = _split_indices(len(train_full), val_fraction)

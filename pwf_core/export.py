@@ -2,9 +2,10 @@
 
 The file is a safetensors file holding ``codebook`` (float32), ``index.<param>`` (the smallest
 integer dtype that fits the codebook) for every converted weight and bias, and ``param.<name>``
-for the remaining state (norms, running statistics, tokens). Its JSON header carries the
-architecture, the experiment config and the codebook, so :func:`load_compressed` rebuilds a
-plain runnable ``nn.Module`` whose logits equal the fixed model's exactly.
+for the remaining state (norms, running statistics, tokens). Its JSON header records the
+architecture when it is a registered or timm one (so :func:`load_compressed` can rebuild it),
+the class name otherwise (then the caller passes a fresh instance), and the experiment config.
+Loading gives a plain ``nn.Module`` whose logits equal the fixed model's exactly.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from pwf_core.bayes import bayesian_params
-from pwf_core.checkpoint import load_tensors, read_metadata, save_tensors
+from pwf_core._files import CheckpointError, load_tensors, read_metadata, save_tensors
+from pwf_core.bayes import bayesian_params, is_bayesian
 from pwf_core.metrics import converted_values
 from pwf_core.models import ModelSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _METADATA_KEY = "pwf"
 
 
@@ -44,8 +45,8 @@ class ExportReport:
         path: The written file.
         file_bytes: Its size on disk.
         float32_bytes: Size of the uncompressed state dict (float32 weights).
-        entropy_bound_bytes: Lower bound with entropy-coded indices: ``N H / 8`` bytes for the
-            converted weights plus the codebook and the other parameters as stored.
+        entropy_bound_bytes: Lower bound with entropy-coded indices: ``N H / 8`` bytes (``H``
+            in bits) for the converted weights, plus the codebook and the other parameters.
         unique_values: Codebook size.
         index_bits: Bits per stored index.
     """
@@ -70,36 +71,49 @@ class ExportReport:
         }
 
 
-def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict of the deterministic model: no sigmas, no fixed masks."""
-    extra = {f"{p.name}_sigma" for p in bayesian_params(model)}
-    extra |= {f"{p.name}_fixed_mask" for p in bayesian_params(model)}
-    return {k: v for k, v in model.state_dict().items() if k not in extra}
+def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of the deterministic model: no sigmas, no fixed masks, no method state."""
+    extra = set()
+    for p in bayesian_params(model):
+        extra |= {f"{p.name}_sigma", f"{p.name}_fixed_mask"}
+    return {
+        k: v for k, v in model.state_dict().items() if k not in extra and not k.startswith("_pwf")
+    }
+
+
+def entropy_bound_bytes(counts: torch.Tensor, other_bytes: int) -> int:
+    """``ceil(N H / 8)`` with ``H`` the entropy in bits of the index distribution ``counts``,
+    plus 4 bytes per codebook entry and ``other_bytes``."""
+    p = counts.double() / counts.sum()
+    bits = float(-(p * torch.log2(p)).sum())
+    return math.ceil(int(counts.sum()) * bits / 8) + 4 * len(counts) + other_bytes
 
 
 @torch.no_grad()
-def export_compressed(
+def save_compressed(
     model: nn.Module,
     path: str | Path,
-    spec: ModelSpec,
+    *,
+    spec: ModelSpec | None = None,
     config: dict[str, Any] | None = None,
-    require_fixed: bool = True,
 ) -> ExportReport:
-    """Write ``model`` (converted, with its weights fixed) as codebook + indices.
+    """Write a compressed (every converted weight fixed) ``model`` as codebook + indices.
 
     Args:
-        model: A converted model whose conv/linear weights hold codebook values.
+        model: A model compressed by :func:`pwf_core.compress` (or the round driver).
         path: Output ``.safetensors`` file (written atomically).
-        spec: The architecture, to rebuild the model on load.
-        config: The experiment config (plain data) to record in the header.
-        require_fixed: Refuse a model with free weights (their values would all be distinct).
+        spec: The architecture, so that :func:`load_compressed` can rebuild it without an
+            instance; leave it out for your own model class.
+        config: Plain data to record in the header (e.g. the experiment config).
 
     Raises:
-        ValueError: when ``require_fixed`` and some converted weight is still free.
+        ValueError: when the model was never converted or some converted weight is free.
     """
     params = bayesian_params(model)
-    if require_fixed and not all(bool(p.fixed_mask.all()) for p in params):
-        raise ValueError("every converted weight must be fixed before export (run the schedule)")
+    if not params:
+        raise ValueError("the model has no converted weights: compress it first")
+    if not all(bool(p.fixed_mask.all()) for p in params):
+        raise ValueError("every converted weight must be fixed before export (run every step)")
     values = converted_values(model).cpu()
     codebook, counts = torch.unique(values, return_counts=True)
     dtype = index_dtype(len(codebook))
@@ -108,27 +122,24 @@ def export_compressed(
     for param in params:
         index = torch.searchsorted(codebook, param.mu.detach().cpu().float().contiguous())
         tensors[f"index.{param.name}"] = index.to(dtype)
-    plain = _plain_state(model)
+    plain = plain_state(model)
     others = {name: t for name, t in plain.items() if name not in converted_names}
     tensors.update({f"param.{name}": t for name, t in others.items()})
     header = {
         "format_version": FORMAT_VERSION,
-        "model": spec.to_dict(),
+        "format": "codebook",
+        "model": spec.to_dict() if spec is not None else None,
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "config": config or {},
         "codebook": codebook.tolist(),
     }
     path = save_tensors(path, tensors, {_METADATA_KEY: json.dumps(header)})
-    p = counts.double() / counts.sum()
-    entropy = float(-(p * torch.log2(p)).sum())
     other_bytes = sum(t.numel() * t.element_size() for t in others.values())
-    float32_bytes = sum(t.numel() * t.element_size() for t in plain.values())
     return ExportReport(
         path=path,
         file_bytes=path.stat().st_size,
-        float32_bytes=float32_bytes,
-        entropy_bound_bytes=math.ceil(values.numel() * entropy / 8)
-        + 4 * len(codebook)
-        + other_bytes,
+        float32_bytes=sum(t.numel() * t.element_size() for t in plain.values()),
+        entropy_bound_bytes=entropy_bound_bytes(counts, other_bytes),
         unique_values=len(codebook),
         index_bits=torch.iinfo(dtype).bits,
     )
@@ -138,12 +149,27 @@ def read_header(path: str | Path) -> dict[str, Any]:
     """The JSON header of an exported model (architecture, config, codebook)."""
     metadata = read_metadata(path)
     if _METADATA_KEY not in metadata:
-        raise ValueError(f"'{path}' is not a pwf compressed model (no '{_METADATA_KEY}' header)")
-    return json.loads(metadata[_METADATA_KEY])
+        raise CheckpointError(
+            f"'{path}' is not a pwf compressed model (no '{_METADATA_KEY}' header)"
+        )
+    header = json.loads(metadata[_METADATA_KEY])
+    if "format" not in header:
+        raise CheckpointError(f"'{path}' is a pwf checkpoint, not a compressed model")
+    return header
 
 
-def load_compressed(path: str | Path) -> nn.Module:
-    """Rebuild a plain, deterministic ``nn.Module`` (in eval mode) from an exported file."""
+def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """A plain, deterministic ``nn.Module`` (in eval mode) from an exported file.
+
+    Args:
+        path: A file written by :func:`save_compressed`.
+        model: A fresh instance of the architecture to load into (needed for your own model
+            classes); without it, a registered or timm architecture is rebuilt from the header.
+
+    Raises:
+        CheckpointError: when the file is unreadable, or names no architecture and no
+            ``model`` is given, or does not fit ``model``.
+    """
     header = read_header(path)
     tensors = load_tensors(path)
     codebook = tensors["codebook"]
@@ -153,6 +179,17 @@ def load_compressed(path: str | Path) -> nn.Module:
     for name, index in tensors.items():
         if name.startswith("index."):
             state[name.removeprefix("index.")] = codebook[index.long()]
-    model = ModelSpec(**header["model"]).build()
-    model.load_state_dict(state)
+    if model is None:
+        if header.get("model") is None:
+            raise CheckpointError(
+                f"'{path}' was saved from your own class {header.get('model_class')}: pass a "
+                "fresh instance, load_compressed(path, model=MyNet(...))"
+            )
+        model = ModelSpec(**header["model"]).build()
+    if any(is_bayesian(m) for m in model.modules()):
+        raise ValueError("load_compressed expects a plain model; strip() a converted one first")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"'{path}' does not fit the given model: {err}") from None
     return model.eval()

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from pwf_core.bayes import bayesian_params, conversion_report, sampling
-from pwf_core.data import Loader
 
 ECE_BINS = 15
 
@@ -28,6 +28,30 @@ def expected_calibration_error(
     gap = torch.zeros(n_bins, dtype=probs.dtype, device=probs.device)
     gap.index_add_(0, bins, correct - confidence)
     return (gap.abs().sum() / len(labels)).item()
+
+
+def reliability_bins(
+    probs: torch.Tensor, labels: torch.Tensor, n_bins: int = ECE_BINS
+) -> dict[str, list[float]]:
+    """Per-bin mean confidence, accuracy and sample count (the bins of
+    :func:`expected_calibration_error`), for a reliability diagram."""
+    confidence, predicted = probs.max(dim=1)
+    correct = (predicted == labels).to(probs.dtype)
+    inner_edges = torch.linspace(0, 1, n_bins + 1, dtype=probs.dtype, device=probs.device)[1:-1]
+    bins = torch.bucketize(confidence, inner_edges, right=False)
+    count = torch.bincount(bins, minlength=n_bins).to(probs.dtype)
+    confidence_sum = torch.zeros(n_bins, dtype=probs.dtype, device=probs.device)
+    correct_sum = torch.zeros_like(confidence_sum)
+    confidence_sum.index_add_(0, bins, confidence)
+    correct_sum.index_add_(0, bins, correct)
+    safe = count.clamp_min(1)
+    return {
+        "lower": torch.linspace(0, 1, n_bins + 1)[:-1].tolist(),
+        "upper": torch.linspace(0, 1, n_bins + 1)[1:].tolist(),
+        "confidence": (confidence_sum / safe).tolist(),
+        "accuracy": (correct_sum / safe).tolist(),
+        "count": count.tolist(),
+    }
 
 
 def classification_metrics(log_probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -52,7 +76,7 @@ def classification_metrics(log_probs: torch.Tensor, labels: torch.Tensor) -> dic
 
 @torch.no_grad()
 def predict_log_probs(
-    model: nn.Module, loader: Loader, device: torch.device | str, mc_samples: int = 0
+    model: nn.Module, loader: Iterable, device: torch.device | str, mc_samples: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities over ``loader`` in eval mode.
 
@@ -77,7 +101,7 @@ def predict_log_probs(
 
 
 def evaluate(
-    model: nn.Module, loader: Loader, device: torch.device | str, mc_samples: int = 0
+    model: nn.Module, loader: Iterable, device: torch.device | str, mc_samples: int = 0
 ) -> dict[str, float]:
     """Classification and calibration metrics of ``model`` on ``loader``."""
     return classification_metrics(*predict_log_probs(model, loader, device, mc_samples))
@@ -106,15 +130,19 @@ def converted_values(model: nn.Module) -> torch.Tensor:
 def weight_sharing_metrics(model: nn.Module) -> dict[str, float]:
     """Whole-network weight-sharing statistics over the converted parameters.
 
-    Keys: ``ws/unique_values``, ``ws/entropy_bits``, ``ws/fixed_fraction``,
-    ``ws/params_converted`` and ``ws/params_other`` (norms, tokens: not counted as shared).
+    Keys: ``ws/unique_values`` (among all converted values, free ones included),
+    ``ws/unique_fixed_values`` (among the fixed ones only: the codebook so far),
+    ``ws/entropy_bits``, ``ws/fixed_fraction``, ``ws/params_converted`` and
+    ``ws/params_other`` (norms, tokens: not counted as shared).
     """
     values = converted_values(model)
     counts = torch.unique(values, return_counts=True)[1]
-    fixed = sum(int(param.fixed_mask.sum()) for param in bayesian_params(model))
+    fixed_mask = torch.cat([p.fixed_mask.flatten() for p in bayesian_params(model)])
+    fixed = int(fixed_mask.sum())
     report = conversion_report(model)
     return {
         "ws/unique_values": float(len(counts)),
+        "ws/unique_fixed_values": float(torch.unique(values[fixed_mask]).numel()),
         "ws/entropy_bits": _entropy_bits_from_counts(counts),
         "ws/fixed_fraction": fixed / values.numel(),
         "ws/params_converted": float(report.num_converted),

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from pwf_core._seeding import derive_seed, seed_everything
 from pwf_core.config import ExperimentConfig
 from pwf_core.data import ImageDataset
 from pwf_core.metrics import evaluate
 from pwf_core.models import ModelSpec, load_weights
-from pwf_core.reproducibility import derive_seed, seed_everything
 from pwf_core.train import train
 
 
@@ -54,6 +55,7 @@ def pretrain(
     config: ExperimentConfig,
     device: torch.device | str,
     progress: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> PretrainResult:
     """Train the deterministic model for ``pretrain.epochs`` (cosine schedule) and evaluate it.
 
@@ -85,6 +87,7 @@ def pretrain(
         progress=progress,
         desc="pretrain",
         on_epoch_end=record_validation,
+        log=log,
     )
     result.epoch_losses, result.seconds = run.epoch_losses, run.seconds
     test_loader = dataset.loader("test", config.data.eval_batch_size).to(device)

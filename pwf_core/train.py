@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -18,15 +18,36 @@ from tqdm.auto import tqdm
 
 from pwf_core.bayes import sigma_parameters
 from pwf_core.config import OptimConfig
-from pwf_core.data import Loader
 
 
 class TrainingHooks:
     """Method-specific additions to the training step; the default adds nothing."""
 
     def extra_loss(self, model: nn.Module, task_loss: torch.Tensor) -> torch.Tensor | None:
-        """A term added to the cross-entropy (e.g. WFN's distance regulariser)."""
+        """A term added to the cross-entropy (e.g. WFN's distance regulariser, a KL term)."""
         return None
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimiser step (e.g. to keep sigmas positive)."""
+
+
+def batches_per_epoch(loader: Iterable) -> int:
+    """``len(loader)``; an iterable without a length cannot run a fraction of an epoch."""
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(
+            f"the training loader ({type(loader).__name__}) has no len(): give a DataLoader "
+            "or a list of batches"
+        ) from None
+
+
+def set_loader_epoch(loader: Iterable, epoch: int) -> None:
+    """Select the shuffling of ``epoch`` where the loader (or its sampler) supports it."""
+    for owner in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        if owner is not None and callable(getattr(owner, "set_epoch", None)):
+            owner.set_epoch(epoch)
+            return
 
 
 class MaskedParams:
@@ -87,7 +108,7 @@ class TrainResult:
 
 def train(
     model: nn.Module,
-    loader: Loader,
+    loader: Iterable,
     optim: OptimConfig,
     epochs: float,
     device: torch.device | str = "cpu",
@@ -97,28 +118,34 @@ def train(
     progress: bool = True,
     desc: str = "train",
     on_epoch_end: Callable[[int, float], None] | None = None,
+    epoch_offset: int = 0,
+    log: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``epochs`` (a fraction is allowed) with masked entries frozen.
 
     Args:
         model: The network, already on ``device``.
-        loader: Batches; its ``set_epoch`` is called so shuffling is reproducible.
+        loader: Batches ``(inputs, targets)``; its (or its sampler's) ``set_epoch`` is called
+            with ``epoch_offset + epoch`` so shuffling is reproducible.
         optim: Optimiser, learning rate, momentum, weight decay, grad clip.
         epochs: Epochs to run; ``0.05`` runs 5 % of one epoch's batches.
         device: Where batches go; CUDA turns on bf16 autocast.
         fixed_masks: Boolean mask per parameter of entries that must not change.
-        hooks: Method-specific loss term.
+        hooks: Method-specific loss term and post-step edit.
         cosine: Cosine-anneal the learning rate to zero over the run.
         progress: Show a progress bar per epoch (when stderr is a terminal).
-        desc: Label of the progress bar.
+        desc: Label of the progress bar and of the log lines.
         on_epoch_end: Called with ``(epoch, mean loss)`` after each epoch (e.g. validation).
+        epoch_offset: Added to the epoch number given to ``set_epoch``.
+        log: Receives one line per epoch (progress off a terminal: workers, CI, Prefect logs).
 
     Returns:
         Steps taken, mean loss, accuracy on the training batches, wall time, loss per epoch.
     """
     device = torch.device(device)
     hooks = hooks or TrainingHooks()
-    total_steps = math.ceil(epochs * len(loader))
+    per_epoch = batches_per_epoch(loader)
+    total_steps = math.ceil(epochs * per_epoch)
     result = TrainResult(0, float("nan"), float("nan"), 0.0, [])
     if total_steps == 0:
         return result
@@ -134,10 +161,10 @@ def train(
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     model.train()
-    num_epochs = math.ceil(total_steps / len(loader))
+    num_epochs = math.ceil(total_steps / per_epoch)
     for epoch in range(num_epochs):
-        loader.set_epoch(epoch)
-        steps_this_epoch = min(len(loader), total_steps - result.steps)
+        set_loader_epoch(loader, epoch_offset + epoch)
+        steps_this_epoch = min(per_epoch, total_steps - result.steps)
         epoch_loss = torch.zeros((), device=device)
         bar = tqdm(
             total=steps_this_epoch,
@@ -163,6 +190,7 @@ def train(
                 nn.utils.clip_grad_norm_(params, optim.grad_clip)
             optimizer.step()
             masked.restore(optimizer)
+            hooks.after_step(model)
             if scheduler is not None:
                 scheduler.step()
             detached = loss.detach()
@@ -174,6 +202,11 @@ def train(
             bar.update(1)
         bar.close()
         result.epoch_losses.append(epoch_loss.item() / max(steps_this_epoch, 1))
+        if log is not None:
+            log(
+                f"{desc}: epoch {epoch + 1}/{num_epochs} loss {result.epoch_losses[-1]:.4f} "
+                f"({time.perf_counter() - start:.1f} s)"
+            )
         if on_epoch_end is not None:
             on_epoch_end(epoch, result.epoch_losses[-1])
             model.train()

@@ -1,31 +1,41 @@
-"""Fixing methods, one file each, selected by ``fixing.method`` through a registry.
+"""Methods, one module (or package) each, registered by their config class.
 
-Adding a method: write ``methods/<name>.py`` with a config (a :class:`FixingConfig` subclass)
-and a :class:`FixingMethod` subclass decorated with ``@register_method("<name>")``, then import
-the module below.
+Adding a method: write ``methods/<name>.py`` with a config (a
+:class:`~pwf_core.registry.MethodConfig` subclass with ``method: Literal["<name>"]``) and a
+:class:`~pwf_core.methods.base.Method` subclass decorated with
+:func:`~pwf_core.registry.register_method`, then import it below.
 """
 
-from pwf_core.methods import kmeans, pwfn, uniform, wfn
 from pwf_core.methods.base import (
+    FixingConfig,
     FixingMethod,
     FlatWeights,
-    create_method,
+    Method,
+    Step,
+    StepContext,
+    StepRecord,
     fixed_target,
-    method_config_class,
-    method_names,
-    register_method,
 )
+from pwf_core.methods.kmeans import KMeans, KMeansConfig
+from pwf_core.methods.pwfn import PWFN, PWFNConfig
+from pwf_core.methods.uniform import Uniform, UniformConfig
+from pwf_core.methods.wfn import WFN, WFNConfig
 
 __all__ = [
+    "PWFN",
+    "WFN",
+    "FixingConfig",
     "FixingMethod",
     "FlatWeights",
-    "create_method",
+    "KMeans",
+    "KMeansConfig",
+    "Method",
+    "PWFNConfig",
+    "Step",
+    "StepContext",
+    "StepRecord",
+    "Uniform",
+    "UniformConfig",
+    "WFNConfig",
     "fixed_target",
-    "kmeans",
-    "method_config_class",
-    "method_names",
-    "pwfn",
-    "register_method",
-    "uniform",
-    "wfn",
 ]

@@ -7,9 +7,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from pwf_core.config import FixingConfig
-from pwf_core.methods.base import register_method
+from pwf_core.methods.base import FixingConfig
 from pwf_core.methods.nearest import CodebookMethod
+from pwf_core.registry import register_method
 
 
 class KMeansConfig(FixingConfig):
@@ -59,7 +59,7 @@ def kmeans_1d(
     return centroids.unique()
 
 
-@register_method("kmeans")
+@register_method
 class KMeans(CodebookMethod):
     """K shared values from global k-means; weights fixed nearest-first over the schedule."""
 

@@ -7,9 +7,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from pwf_core.config import FixingConfig
-from pwf_core.methods.base import register_method
+from pwf_core.methods.base import FixingConfig
 from pwf_core.methods.nearest import CodebookMethod
+from pwf_core.registry import register_method
 
 
 class UniformConfig(FixingConfig):
@@ -27,7 +27,7 @@ def uniform_levels(max_abs: float, bits: int) -> torch.Tensor:
     return torch.arange(-half, half + 1, dtype=torch.float32) * (max_abs / half)
 
 
-@register_method("uniform")
+@register_method
 class Uniform(CodebookMethod):
     """A uniform grid over the network's weight range; weights fixed nearest-first."""
 

@@ -19,9 +19,10 @@ from pydantic import Field
 from torch import nn
 
 from pwf_core.bayes import bayesian_params
-from pwf_core.config import FixingConfig, NonNegativeFloat
-from pwf_core.methods.base import SUMMARY_COLUMNS, FixingMethod, FlatWeights, register_method
+from pwf_core.config import NonNegativeFloat
+from pwf_core.methods.base import SUMMARY_COLUMNS, FixingConfig, FixingMethod, FlatWeights
 from pwf_core.methods.nearest import fix_nearest_first, nearest_centres
+from pwf_core.registry import register_method
 
 WFN_SCHEDULE = (0.3, 0.6, 0.8, 0.9, 0.95, 0.975, 0.99, 0.9975, 0.999, 1.0)
 MAX_TERMS = 8
@@ -127,7 +128,7 @@ def wfn_fix_round(
     return summary
 
 
-@register_method("wfn")
+@register_method
 class WFN(FixingMethod):
     """Weight fixing networks: relative-distance fixing to a power-of-two ladder."""
 
@@ -144,7 +145,7 @@ class WFN(FixingMethod):
             self.centres = wfn_codebook(max_abs, self.config.delta, self.config.b)
         return self.centres
 
-    def prepare(self, model: nn.Module) -> None:
+    def initialise(self, model: nn.Module) -> None:
         self._centres_for(model)
 
     def extra_loss(self, model: nn.Module, task_loss: torch.Tensor) -> torch.Tensor | None:

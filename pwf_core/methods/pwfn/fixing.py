@@ -17,19 +17,21 @@ members decrements the counts of just the centres their ranges covered.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from pwf_core.bayes import set_sigma_regulariser
-from pwf_core.codebook import Codebook, pow2_codebook
-from pwf_core.config import FixingConfig, NonNegativeFloat, PositiveFloat
-from pwf_core.methods.base import SUMMARY_COLUMNS, FixingMethod, FlatWeights, register_method
-from pwf_core.variance import DEFAULT_REG, SIGMA_CAP, init_sigma_
+from pwf_core.bayes import bayesian_params, set_sigma_regulariser
+from pwf_core.config import NonNegativeFloat, PositiveFloat
+from pwf_core.methods.base import SUMMARY_COLUMNS, FixingConfig, FixingMethod, FlatWeights
+from pwf_core.methods.pwfn.codebook import Codebook, pow2_codebook
+from pwf_core.methods.pwfn.variance import DEFAULT_REG, SIGMA_CAP, init_sigma_, quantile
+from pwf_core.registry import register_method
 
 SIGMA_DISTANCE_FLOOR = 2.0**-20
 
@@ -43,6 +45,9 @@ class PWFNConfig(FixingConfig):
         reg: Strength of the sigma regulariser (0 turns it off).
         reg_cap: Sigma the regulariser pushes toward.
         b: Smallest power of two is ``2^-b``; ``|mu| < 2^-b`` counts as zero under zero-fix.
+            It decides the number of unique values more than any other knob. ``auto`` puts
+            ``2^-b`` at the median weight magnitude (:func:`auto_b`): 5 for pwf's small CNN on
+            digits, 6-7 for ImageNet ResNets (the paper's 7).
         threshold: Starting threshold ``t`` of every round, or one value per round.
         inc: Factor by which ``t`` grows when a round relaxes.
         max_order: Most powers of two summed into one centre (1-4).
@@ -56,12 +61,19 @@ class PWFNConfig(FixingConfig):
     sigma_init: PositiveFloat = 1e-4
     reg: NonNegativeFloat = DEFAULT_REG
     reg_cap: PositiveFloat = SIGMA_CAP
-    b: int = Field(7, ge=1, le=20)
+    b: int | str = 7
     threshold: PositiveFloat | tuple[PositiveFloat, ...] = 1.0
     inc: float = Field(2.0, gt=1.0)
     max_order: int = Field(4, ge=1, le=4)
     sigma_join: Literal["std_mu", "keep", "divide_by_10"] = "std_mu"
     zero_fix: bool = True
+
+    @field_validator("b")
+    @classmethod
+    def _b_in_range(cls, b: int | str) -> int | str:
+        if b == "auto" or (isinstance(b, int) and 1 <= b <= 20):
+            return b
+        raise ValueError(f"must be an integer from 1 to 20, or 'auto'; got {b!r}")
 
     @model_validator(mode="after")
     def _threshold_per_round(self) -> PWFNConfig:
@@ -169,6 +181,30 @@ def interval_bounds(
     return mu - reach, reach.add_(mu)
 
 
+def _check_progress(
+    walk: _Relaxation, remaining: int, mu: torch.Tensor, scale: torch.Tensor
+) -> None:
+    """Fail, rather than relax forever, after a level that fixed nothing although it could.
+
+    At the highest order, once ``t * min(scale) > 2 max|mu|`` every free weight reaches every
+    centre, so such a level without progress means the inputs (or the code) are broken; a
+    threshold that overflows means the same.
+    """
+    smallest = float(scale.min())
+    if smallest <= 0:
+        raise RuntimeError(
+            f"PWFN round: a distance scale is {smallest:g}; sigmas must be floored at 2^-20"
+        )
+    reach = walk.threshold * smallest
+    spread = 2 * float(mu.abs().max()) + 1.0
+    if not math.isfinite(reach) or (walk.order >= walk.max_order and reach > spread):
+        raise RuntimeError(
+            f"PWFN round made no progress at order {walk.order}, threshold {walk.threshold:g} "
+            f"with {remaining} weights still to fix (smallest distance scale {smallest:g}); "
+            "sigmas must be positive and finite"
+        )
+
+
 def pwfn_fix_round(
     weights: FlatWeights,
     target_fixed: int,
@@ -212,6 +248,7 @@ def pwfn_fix_round(
     alive = torch.ones_like(mu, dtype=torch.bool)
     walk = _Relaxation(threshold, inc, max_order)
     while remaining > 0:
+        at_level_start = remaining
         if not alive.all():  # drop the weights the previous level fixed
             keep = alive.nonzero().squeeze(1)
             index, mu, scale, is_zero = index[keep], mu[keep], scale[keep], is_zero[keep]
@@ -231,6 +268,11 @@ def pwfn_fix_round(
                 break
             members = pairs.candidates(k)
             members = members[alive[members]]
+            if len(members) == 0:
+                raise RuntimeError(
+                    f"PWFN round: centre {float(book.values[k])} counts {int(counts[k])} free "
+                    "weights but has none; the candidate bookkeeping is inconsistent"
+                )
             centre = centres[k]
             if len(members) > remaining:
                 distance = (centre - mu[members]).abs_().div_(scale[members])
@@ -246,15 +288,29 @@ def pwfn_fix_round(
             weights.fixed[joined] = True
             alive[members] = False
             counts -= _coverage(a[members], b_[members], len(book))
+            if len(members) == 0:
+                raise RuntimeError("PWFN round: a greedy step fixed no weight")
             remaining -= len(members)
             value = float(book.values[k])
             rows.append((len(rows), value, int(book.orders[k]), walk.threshold, len(members)))
         if remaining > 0:
+            if remaining == at_level_start:
+                _check_progress(walk, remaining, mu, scale)
             walk.relax()
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
-@register_method("pwfn")
+def auto_b(model: nn.Module) -> int:
+    """``round(-log2(median |w|))`` over the converted conv/linear weights, in [1, 20]."""
+    weights = [p.mu.detach().flatten() for p in bayesian_params(model) if p.attr == "weight"]
+    magnitude = torch.cat(weights).abs().float()
+    median = float(quantile(magnitude, 0.5))
+    if median <= 0:
+        return 20
+    return int(min(20, max(1, round(-math.log2(median)))))
+
+
+@register_method
 class PWFN(FixingMethod):
     """Probabilistic weight fixing: sigma-scaled greedy fixing to (additive) powers of two."""
 
@@ -262,20 +318,37 @@ class PWFN(FixingMethod):
     bayesian = True
     config: PWFNConfig
 
+    def __init__(self, config: PWFNConfig) -> None:
+        super().__init__(config)
+        self.b: int | None = None if config.b == "auto" else int(config.b)
+
     def attach(self, model: nn.Module) -> None:
         super().attach(model)
         set_sigma_regulariser(model, self.config.reg, self.config.reg_cap)
 
-    def prepare(self, model: nn.Module) -> None:
+    def initialise(self, model: nn.Module) -> None:
         init_sigma_(model, prior=self.config.prior, constant=self.config.sigma_init)
+        if self.b is None:
+            self.b = auto_b(model)
+
+    def step_metrics(self) -> dict[str, float]:
+        return {"pwfn/b": float(self.b)} if self.b is not None else {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"b": torch.tensor(self.b)} if self.b is not None else {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if "b" in state:
+            self.b = int(state["b"])
 
     def fix(self, weights: FlatWeights, target_fixed: int, round_index: int) -> pd.DataFrame:
+        assert self.b is not None, "initialise() resolves b: auto before the first round"
         return pwfn_fix_round(
             weights,
             target_fixed,
             threshold=self.config.threshold_for(round_index),
             inc=self.config.inc,
-            b=self.config.b,
+            b=self.b,
             max_order=self.config.max_order,
             zero_fix=self.config.zero_fix,
             sigma_join=self.config.sigma_join,
