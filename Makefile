@@ -35,5 +35,8 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# Every script in benchmarks/ (each writes its JSON to benchmarks/results/).
 bench: $(STAMP)
-	$(PY) benchmarks/bayes_overhead.py
+	set -e; for script in benchmarks/[a-z]*.py; do \
+	  case $$script in benchmarks/results_file.py) continue;; esac; \
+	  echo "== $$script"; $(PY) $$script; done

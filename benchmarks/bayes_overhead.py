@@ -24,9 +24,9 @@ from torch import nn
 
 from pwf_core.bayes import set_sigma_regulariser, to_bayesian
 from pwf_core.config import OptimConfig
+from pwf_core.methods.pwfn.variance import DEFAULT_REG, init_sigma_
 from pwf_core.models import build_model
 from pwf_core.train import build_optimizer
-from pwf_core.variance import DEFAULT_REG, init_sigma_
 
 RESULTS = Path(__file__).parent / "results" / "bayes_overhead.json"
 CASES = [

@@ -3,6 +3,6 @@
 Importing this package applies offline-safe defaults before Prefect and MLflow load.
 """
 
-from flows.environment import configure_environment
+from pwf_flows.environment import configure_environment
 
 configure_environment()

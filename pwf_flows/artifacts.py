@@ -1,4 +1,4 @@
-"""Where an experiment's files live, and how a round checkpoint is written and read.
+"""Where an experiment's files live.
 
 Layout under the artifacts directory::
 
@@ -6,34 +6,27 @@ Layout under the artifacts directory::
     experiments/<name>/<run key>/
         config.yaml                                    the validated config
         mlflow_run_id                                  the MLflow run this experiment logs into
-        init.safetensors                               converted model after variance init
-        round_00.safetensors ... round_NN.safetensors  state after each fixing round
-        final/                                         tables, plot, compressed model, summary
+        init.safetensors                               converted model before the first step
+        step_01.safetensors ... step_NN.safetensors    state after each step (PWFN: each round)
+        final/                                         tables, plots, compressed model, summary
 
-Every file is written atomically. A round checkpoint holds the whole model state (means,
-sigmas, fixed masks, norms) and the method's state; its header holds the round's metrics and
-per-centre summary. Each round reseeds from the experiment seed and builds a fresh optimiser,
-so this is all a resumed run needs to continue exactly where an uninterrupted run would be.
+Every file is written atomically (see :mod:`pwf_core.checkpoint` for what a checkpoint holds).
+On a cluster the artifacts folder is a shared mount, so a trial on any worker finds the
+pretraining cache and the checkpoints of an interrupted trial.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
-from torch import nn
 
 import pwf_core
-from pwf_core.checkpoint import load_tensors, read_metadata, save_tensors
+from pwf_core._files import is_complete_safetensors
 from pwf_core.config import ExperimentConfig, config_hash
-from pwf_core.methods import FixingMethod
-
-_METHOD_PREFIX = "method."
 
 
 @cache
@@ -84,8 +77,9 @@ class ExperimentFiles:
     def init(self) -> Path:
         return self.root / "init.safetensors"
 
-    def round(self, index: int) -> Path:
-        return self.root / f"round_{index:02d}.safetensors"
+    def step(self, index: int) -> Path:
+        """Checkpoint after step ``index`` (0-based; the file is numbered from 1)."""
+        return self.root / f"step_{index + 1:02d}.safetensors"
 
     @property
     def final(self) -> Path:
@@ -95,56 +89,26 @@ class ExperimentFiles:
     def summary(self) -> Path:
         return self.final / "summary.json"
 
-    def finished_rounds(self, num_rounds: int) -> int:
-        """How many leading rounds have a checkpoint (a resumed run starts after them)."""
+    def finished_steps(self, num_steps: int, warn: Callable[[str], None] | None = None) -> int:
+        """How many leading steps have a whole checkpoint (a resumed run starts after them).
+
+        A checkpoint that is not whole (a disk that filled up, a copy cut short) is moved
+        aside as ``*.corrupt``, with ``warn`` told, and the run resumes before it.
+        """
         done = 0
-        while done < num_rounds and self.round(done).is_file():
+        while done < num_steps and self.step(done).is_file():
+            path = self.step(done)
+            if not is_complete_safetensors(path):
+                path.replace(path.with_name(path.name + ".corrupt"))
+                if warn is not None:
+                    where = f"step {done}" if done else "the start"
+                    warn(
+                        f"checkpoint {path.name} is incomplete; moved aside, resuming after {where}"
+                    )
+                break
             done += 1
         return done
 
-
-def save_model_checkpoint(
-    path: Path,
-    model: nn.Module,
-    method: FixingMethod | None = None,
-    header: dict[str, Any] | None = None,
-) -> Path:
-    """Model state (+ method state) as safetensors, with a JSON header."""
-    tensors = dict(model.state_dict())
-    if method is not None:
-        tensors.update({_METHOD_PREFIX + k: v for k, v in method.state_dict().items()})
-    return save_tensors(path, tensors, {"pwf": json.dumps(header or {})})
-
-
-def load_model_checkpoint(
-    path: Path, model: nn.Module, method: FixingMethod | None = None
-) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_model_checkpoint`; returns its header.
-
-    Raises:
-        CheckpointError: naming the path when it is missing or unreadable.
-    """
-    tensors = load_tensors(path)
-    state = {k: v for k, v in tensors.items() if not k.startswith(_METHOD_PREFIX)}
-    model.load_state_dict(state)
-    if method is not None:
-        prefix = len(_METHOD_PREFIX)
-        method.load_state_dict(
-            {k[prefix:]: v for k, v in tensors.items() if k.startswith(_METHOD_PREFIX)}
-        )
-    return read_header(path)
-
-
-def read_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a checkpoint (metrics, summary) without loading its tensors."""
-    return json.loads(read_metadata(path).get("pwf", "{}"))
-
-
-def round_header(round_index: int, fraction: float, metrics: dict, summary: pd.DataFrame):
-    """The header stored with a round checkpoint."""
-    return {
-        "round": round_index,
-        "fraction": fraction,
-        "metrics": metrics,
-        "summary": json.loads(summary.to_json(orient="records")),
-    }
+    def clear(self) -> None:
+        """Remove this experiment's files (its MLflow run is left as it is)."""
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -1,14 +1,16 @@
-"""The ``pwf-experiment`` flow: pretrain → init_variance → fixing_round × R → evaluate.
+"""The ``pwf-experiment`` flow: pretrain → prepare → step × N → evaluate.
 
-Tasks are thin calls into :mod:`pwf_core`; they pass checkpoint paths, not tensors. Pretraining
-is cached by what determines it (a second experiment with the same model, data, pretraining and
-seed reuses the file). Every round writes a checkpoint, so rerunning the same command after a
-crash continues at the first unfinished round, in the same MLflow run.
+Tasks are thin calls into :class:`pwf_core.Compression` (the same code path as
+:func:`pwf_core.compress`); each step task receives the previous task's result, so Prefect's
+graph is the real chain. Pretraining is cached by what determines it, and every step writes a
+checkpoint: rerunning the same command after a crash continues at the first unfinished step,
+in the same MLflow run. A finished experiment is left untouched unless a fresh run is asked for.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -17,22 +19,14 @@ from typing import Any
 import pandas as pd
 import yaml
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from flows.artifacts import (
-    ExperimentFiles,
-    load_model_checkpoint,
-    pretrain_key,
-    read_header,
-    round_header,
-    run_key,
-    save_model_checkpoint,
-)
-from flows.plots import accuracy_vs_unique_values
-from flows.tracking import RunTracker, experiment_tags, tracking_uri
-from pwf_core.bayes import to_bayesian
-from pwf_core.checkpoint import atomic_path, write_text_atomic
+from pwf_core import Compression
+from pwf_core._files import atomic_path, is_complete_safetensors, write_text_atomic
+from pwf_core._seeding import derive_seed
+from pwf_core.checkpoint import load_checkpoint, read_checkpoint_header, save_checkpoint
 from pwf_core.config import (
     DataConfig,
     ExperimentConfig,
@@ -41,12 +35,39 @@ from pwf_core.config import (
     parse_config,
 )
 from pwf_core.data import ImageDataset, load_dataset
-from pwf_core.export import export_compressed
-from pwf_core.methods import FixingMethod, create_method
+from pwf_core.export import save_compressed
+from pwf_core.methods.base import Step
+from pwf_core.metrics import predict_log_probs, reliability_bins
 from pwf_core.pretrain import build_experiment_model, model_spec, pretrain
-from pwf_core.rounds import final_metrics, fixing_round, prepare_model
+from pwf_core.registry import create_method
+from pwf_flows.artifacts import ExperimentFiles, pretrain_key, run_key
+from pwf_flows.plots import accuracy_vs_unique_values, reliability_diagram
+from pwf_flows.results import finished_result
+from pwf_flows.tracking import RunTracker, standard_tags, tracked_run, tracking_uri
 
-ROUND_LOG_KEYS = ("cls/acc", "ws/unique_values", "ws/fixed_fraction")
+TABLE_KEYS = (
+    ("ws/fixed_fraction", "fixed", lambda v: f"{100 * v:.1f} %"),
+    ("ws/unique_fixed_values", "unique values", lambda v: f"{int(v)}"),
+    ("cls/acc", "top-1", lambda v: f"{100 * v:.2f} %"),
+    ("cal/ece", "ECE", lambda v: f"{v:.4f}"),
+)
+
+
+def default_run_name(config: ExperimentConfig) -> str:
+    """What tells this run from its neighbours: method, model, data and a config hash."""
+    return (
+        f"{config.compression.method}-{config.model.name}-{config.data.name}-{run_key(config)[:6]}"
+    )
+
+
+def _flow_run_name() -> str:
+    parameters = flow_run.parameters
+    if parameters.get("run_name"):
+        return str(parameters["run_name"])
+    try:
+        return default_run_name(parse_config(parameters.get("config") or {}))
+    except ValueError:
+        return "pwf-experiment (invalid config)"
 
 
 @lru_cache(maxsize=2)
@@ -54,15 +75,46 @@ def _dataset(data: DataConfig) -> ImageDataset:
     return load_dataset(data)
 
 
-def _model_and_method(config: ExperimentConfig, checkpoint: Path) -> tuple[Any, FixingMethod]:
-    """Rebuild the converted model and its method from a checkpoint."""
+def _compression(config: ExperimentConfig, progress: bool) -> Compression:
+    """A fresh (unconverted) model for ``config`` with its loaders, ready to restore into."""
     dataset = _dataset(config.data)
-    model = build_experiment_model(config, dataset)
-    to_bayesian(model)
-    method = create_method(config.fixing)
-    method.attach(model)
-    load_model_checkpoint(checkpoint, model, method)
-    return model.to(config.resolved_device()), method
+    device = config.resolved_device()
+    model = build_experiment_model(config, dataset).to(device)
+    train_loader = dataset.loader(
+        "train", config.train.batch_size, shuffle=True, seed=derive_seed(config.seed, "data")
+    ).to(device)
+    eval_loader = dataset.loader("test", config.data.eval_batch_size).to(device)
+    return Compression(
+        model,
+        config.compression,
+        train_loader,
+        eval_loader=eval_loader,
+        train=config.train,
+        seed=config.seed,
+        progress=progress,
+        log=get_run_logger().info,
+        mc_samples=config.eval.mc_samples,
+    )
+
+
+# The last step's model stays in memory, so the next task of the same process continues from
+# it instead of rebuilding the model and reading back the checkpoint it just wrote. A task in
+# another process (or after a crash) restores from the file: the same state, bit for bit.
+_live: dict[str, Compression] = {}
+
+
+def _remember(path: Path, run: Compression) -> None:
+    _live.clear()
+    _live[str(path)] = run
+
+
+def _resume(config: ExperimentConfig, path: Path, progress: bool) -> Compression:
+    run = _live.pop(str(path), None)
+    if run is None:
+        run = _compression(config, progress)
+        run.restore(path)
+    run.context.log = get_run_logger().info  # this task's logger, not the one that built it
+    return run
 
 
 @task(name="pretrain", cache_policy=NO_CACHE)
@@ -71,104 +123,137 @@ def pretrain_task(config: dict[str, Any], artifacts_dir: str, progress: bool = T
     cfg = parse_config(config)
     path = ExperimentFiles.for_config(cfg, artifacts_dir).pretrained_model
     logger = get_run_logger()
-    if path.is_file():
-        header = read_header(path)
+    if is_complete_safetensors(path):
+        header = read_checkpoint_header(path)
         logger.info("reusing cached pretraining %s (key %s)", path, pretrain_key(cfg))
         acc = header["test_metrics"]["cls/acc"]
         return {"path": str(path), "cached": True, "test_acc": acc, "seconds": 0.0}
     dataset = _dataset(cfg.data)
     model = build_experiment_model(cfg, dataset)
-    result = pretrain(model, dataset, cfg, cfg.resolved_device(), progress)
+    result = pretrain(model, dataset, cfg, cfg.resolved_device(), progress, log=logger.info)
     header = {
         "test_metrics": result.test_metrics,
         "epoch_losses": result.epoch_losses,
         "val_acc": result.val_acc,
         "seconds": result.seconds,
     }
-    save_model_checkpoint(path, model, header=header)
+    save_checkpoint(path, model, header=header)
+    acc = result.test_metrics["cls/acc"]
     logger.info(
-        "pretrained %s on %s: top-1 %.2f%% in %.1fs",
+        "pretrained %s on %s: top-1 %.2f %% in %.1f s",
         cfg.model.name,
         cfg.data.name,
-        100 * result.test_metrics["cls/acc"],
+        100 * acc,
         result.seconds,
     )
-    acc = result.test_metrics["cls/acc"]
     return {"path": str(path), "cached": False, "test_acc": acc, "seconds": result.seconds}
 
 
-@task(name="init_variance", cache_policy=NO_CACHE)
-def init_variance_task(config: dict[str, Any], pretrained: str, artifacts_dir: str) -> dict:
-    """Convert conv/linear layers to (mu, sigma) and initialise sigma (the method's prior)."""
+@task(name="prepare", cache_policy=NO_CACHE)
+def prepare_task(
+    config: dict[str, Any], pretrained: dict, artifacts_dir: str, progress: bool = True
+) -> dict:
+    """Convert conv/linear layers to (mu, sigma) and initialise them for the method."""
     cfg = parse_config(config)
     files = ExperimentFiles.for_config(cfg, artifacts_dir)
-    model = build_experiment_model(cfg, _dataset(cfg.data))
-    load_model_checkpoint(Path(pretrained), model)
-    method = create_method(cfg.fixing)
-    report = prepare_model(model, method)
-    save_model_checkpoint(files.init, model, method, {"conversion": report.summary()})
+    run = _compression(cfg, progress)
+    load_checkpoint(Path(pretrained["path"]), run.model)
+    report = run.convert()
+    run.save(files.init, {"conversion": report.summary()})
+    _remember(files.init, run)
     get_run_logger().info(report.summary())
     return {"path": str(files.init), "converted": report.num_converted, "left": report.num_left}
 
 
-@task(name="fixing_round", cache_policy=NO_CACHE, task_run_name="fixing_round-{round_index}")
-def fixing_round_task(
+def _step_header(step: Step, metrics: dict[str, float], table: pd.DataFrame) -> dict:
+    return {
+        "step": step.index,
+        "stage": step.stage,
+        "number": step.number,
+        "of": step.of,
+        "fraction": step.fraction,
+        "metrics": metrics,
+        "table": json.loads(table.to_json(orient="records")) if not table.empty else [],
+    }
+
+
+@task(name="step", cache_policy=NO_CACHE, task_run_name="{label}")
+def step_task(
     config: dict[str, Any],
-    round_index: int,
-    previous: str,
+    index: int,
+    previous: dict,
     artifacts_dir: str,
+    label: str,
     progress: bool = True,
 ) -> dict:
-    """Train the free weights, fix up to this round's fraction, evaluate, write a checkpoint."""
+    """Run one step of the method (PWFN: train, fix, evaluate) and write its checkpoint."""
     cfg = parse_config(config)
     files = ExperimentFiles.for_config(cfg, artifacts_dir)
-    model, method = _model_and_method(cfg, Path(previous))
-    record = fixing_round(
-        model, method, round_index, cfg, _dataset(cfg.data), cfg.resolved_device(), progress
-    )
-    header = round_header(round_index, record.fraction, record.metrics, record.summary)
-    save_model_checkpoint(files.round(round_index), model, method, header)
-    m = record.metrics
-    get_run_logger().info(
-        "round %d/%d: fixed %.1f%% | %d unique values | top-1 %.2f%%",
-        round_index + 1,
-        len(cfg.fixing.schedule),
-        100 * m["ws/fixed_fraction"],
-        m["ws/unique_values"],
-        100 * m["cls/acc"],
-    )
-    return {"path": str(files.round(round_index))} | {k: m[k] for k in ROUND_LOG_KEYS}
+    run = _resume(cfg, Path(previous["path"]), progress)
+    record = run.run_step(index)
+    path = files.step(index)
+    run.save(path, _step_header(record.step, record.metrics, record.table))
+    _remember(path, run)
+    return {"path": str(path), "label": label, "metrics": record.metrics}
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(config: dict[str, Any], final_round: str, artifacts_dir: str) -> dict:
-    """Final metrics (sampling off and on), per-round tables, the plot and the compressed model."""
+def evaluate_task(
+    config: dict[str, Any],
+    last_step: dict,
+    artifacts_dir: str,
+    pretrained_acc: float | None = None,
+    title: str = "",
+) -> dict:
+    """Final metrics, tables, plots and the compressed model."""
     started = time.perf_counter()
     cfg = parse_config(config)
     files = ExperimentFiles.for_config(cfg, artifacts_dir)
-    model, method = _model_and_method(cfg, Path(final_round))
+    run = _resume(cfg, Path(last_step["path"]), progress=False)
+    metrics = run.finalize()
     dataset = _dataset(cfg.data)
-    metrics = final_metrics(model, method, cfg, dataset, cfg.resolved_device())
-    export = export_compressed(
-        model, files.final / "model.pwf.safetensors", model_spec(cfg, dataset), config_to_dict(cfg)
+    export = save_compressed(
+        run.model,
+        files.final / "model.pwf.safetensors",
+        spec=model_spec(cfg, dataset),
+        config=config_to_dict(cfg),
     )
     metrics |= export.as_metrics()
-    headers = [read_header(files.round(r)) for r in range(len(cfg.fixing.schedule))]
-    rounds = pd.DataFrame(
-        [{"round": h["round"], "fraction": h["fraction"], **h["metrics"]} for h in headers]
+    plan = run.steps
+    headers = [read_checkpoint_header(files.step(step.index)) for step in plan]
+    steps = pd.DataFrame(
+        [
+            {
+                "step": h["step"] + 1,
+                "stage": h["stage"],
+                "round": h["number"],
+                "fraction": h["fraction"],
+                **h["metrics"],
+            }
+            for h in headers
+        ]
     )
-    centres = pd.DataFrame([{"round": h["round"], **row} for h in headers for row in h["summary"]])
+    detail = pd.DataFrame([{"round": h["number"], **row} for h in headers for row in h["table"]])
+    log_probs, labels = predict_log_probs(run.model, run.context.eval_loader, run.context.device)
+    bins = reliability_bins(log_probs.exp(), labels)
     outputs = {
-        "rounds": files.final / "rounds.parquet",
-        "centres": files.final / "centres.parquet",
+        "steps": files.final / "steps.parquet",
+        "detail": files.final / "detail.parquet",
         "plot": files.final / "acc_vs_unique_values.png",
+        "reliability": files.final / "reliability.png",
         "model": export.path,
     }
-    for name in ("rounds", "centres"):
+    for name, frame in (("steps", steps), ("detail", detail)):
         with atomic_path(outputs[name]) as tmp:
-            (rounds if name == "rounds" else centres).to_parquet(tmp, index=False)
-    title = f"{cfg.name}: {cfg.fixing.method} on {cfg.model.name}/{cfg.data.name}"
-    accuracy_vs_unique_values(rounds, outputs["plot"], title)
+            frame.to_parquet(tmp, index=False)
+    rounds = steps[steps["stage"] == "round"]
+    if not rounds.empty:
+        accuracy_vs_unique_values(rounds, outputs["plot"], title, pretrained_acc)
+    else:
+        del outputs["plot"]
+    reliability_diagram(
+        bins, outputs["reliability"], f"{title}\nECE {metrics.get('cal/ece', float('nan')):.4f}"
+    )
     summary = {
         "metrics": metrics,
         "outputs": {k: str(v) for k, v in outputs.items()},
@@ -176,7 +261,7 @@ def evaluate_task(config: dict[str, Any], final_round: str, artifacts_dir: str) 
     }
     write_text_atomic(files.summary, json.dumps(summary, indent=2))
     get_run_logger().info(
-        "final: top-1 %.2f%% (sampled %.2f%%), %d unique values, %s, %.1fx smaller than float32",
+        "final: top-1 %.2f %% (sampled %.2f %%), %d unique values, %s, %.1fx smaller than float32",
         100 * metrics["cls/acc"],
         100 * metrics.get("cls/acc_mc", metrics["cls/acc"]),
         metrics["ws/unique_values"],
@@ -186,17 +271,11 @@ def evaluate_task(config: dict[str, Any], final_round: str, artifacts_dir: str) 
     return summary
 
 
-def _run_name() -> str:
-    config = flow_run.parameters.get("config") or {}
-    fixing = config.get("fixing") or {}
-    return f"{config.get('name', 'pwf-default')}-{fixing.get('method', 'pwfn')}"
-
-
 def _log_pretraining(tracker: RunTracker, pretrained: dict) -> None:
-    header = read_header(Path(pretrained["path"]))
-    for epoch, loss in enumerate(header["epoch_losses"]):
+    header = read_checkpoint_header(Path(pretrained["path"]))
+    for epoch, loss in enumerate(header["epoch_losses"], start=1):
         tracker.log_metrics({"pretrain/loss": loss}, step=epoch)
-    for epoch, acc in enumerate(header["val_acc"]):
+    for epoch, acc in enumerate(header["val_acc"], start=1):
         tracker.log_metrics({"pretrain/val_acc": acc}, step=epoch)
     tracker.log_metrics(
         {f"pretrain/test_{k.split('/')[-1]}": v for k, v in header["test_metrics"].items()}
@@ -204,23 +283,57 @@ def _log_pretraining(tracker: RunTracker, pretrained: dict) -> None:
     tracker.set_tags({"pretrain.cached": pretrained["cached"], "pretrain.path": pretrained["path"]})
 
 
-def _log_rounds(
-    tracker: RunTracker, files: ExperimentFiles, finished: int, logged: set[int]
-) -> None:
-    """Log every finished round MLflow does not have yet (a crash can fall between the two)."""
-    for index in range(finished):
-        if index not in logged:
-            tracker.log_metrics(read_header(files.round(index))["metrics"], step=index)
-            logged.add(index)
+def _pretrained_acc(files: ExperimentFiles) -> float | None:
+    if not is_complete_safetensors(files.pretrained_model):
+        return None
+    return read_checkpoint_header(files.pretrained_model)["test_metrics"]["cls/acc"]
 
 
-@flow(name="pwf-experiment", flow_run_name=_run_name, log_prints=True)
+def _artifact_key(config: ExperimentConfig) -> str:
+    slug = re.sub(r"[^a-z0-9-]+", "-", config.name.lower()).strip("-")[:40]
+    return f"pwf-{slug}-{run_key(config)[:8]}"
+
+
+def _markdown(title: str, tracker: RunTracker, rows: list[dict], final: dict) -> str:
+    header = "| step | " + " | ".join(label for _, label, _ in TABLE_KEYS) + " |"
+    lines = [
+        f"### {title}",
+        "",
+        f"MLflow run: [{tracker.run_id}]({tracker.url})",
+        "",
+        header,
+        "|" + " --- |" * (len(TABLE_KEYS) + 1),
+    ]
+    for row in rows:
+        cells = [fmt(row[key]) if key in row else "" for key, _, fmt in TABLE_KEYS]
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"**final**: top-1 {100 * final['cls/acc']:.2f} %, "
+        f"{int(final['ws/unique_values'])} unique values, "
+        f"ECE {final.get('cal/ece', float('nan')):.4f}, "
+        f"{int(final.get('size/file_bytes', 0)):,} bytes",
+    ]
+    return "\n".join(lines)
+
+
+def _description(config: ExperimentConfig, plan: list[Step]) -> str:
+    return (
+        f"{config.compression.method} on {config.model.name} / {config.data.name}, "
+        f"{len(plan)} steps, seed {config.seed}; artifacts key {run_key(config)}"
+    )
+
+
+@flow(name="pwf-experiment", flow_run_name=_flow_run_name, log_prints=True)
 def pwf_experiment(
     config: dict[str, Any] | None = None,
     artifacts_dir: str = "artifacts",
     parent_run_id: str | None = None,
     progress: bool = True,
     tags: dict[str, str] | None = None,
+    run_name: str | None = None,
+    fresh: bool = False,
+    source: str = "pwf-experiment",
 ) -> dict[str, Any]:
     """Run (or resume) one experiment and record it in MLflow.
 
@@ -231,79 +344,123 @@ def pwf_experiment(
         parent_run_id: MLflow run to nest this one under (a sweep's run).
         progress: Show progress bars while training.
         tags: Extra MLflow tags (a sweep marks its trials with them).
+        run_name: MLflow run and Prefect flow-run name (default: method, model, data, hash).
+        fresh: Start over even if this experiment finished or has checkpoints; its earlier
+            MLflow run is left as it is.
+        source: What launched the run (MLflow's ``mlflow.source.name``).
 
     Returns:
-        The MLflow run id, the experiment folder, the tracking URI and the final metrics.
+        The MLflow run id and URL, the experiment folder, the tracking URI, the final metrics
+        and timings; ``already_complete`` when a finished run was found and left untouched.
     """
     cfg = parse_config(config or {})
     values = config_to_dict(cfg)
     files = ExperimentFiles.for_config(cfg, artifacts_dir)
     logger = get_run_logger()
-    num_rounds = len(cfg.fixing.schedule)
+    name = run_name or default_run_name(cfg)
+    if fresh:
+        files.clear()
+    done = finished_result(cfg, files)
+    if done is not None:
+        logger.info(
+            "experiment already complete, nothing changed: MLflow run %s (%s), artifacts %s; "
+            "ask for a fresh run to start over",
+            done["run_id"],
+            done["url"],
+            files.root,
+        )
+        return done
+    plan = create_method(cfg.compression).plan()
+    title = f"{cfg.name}: {name}"
     resume_id = files.mlflow_run_id.read_text().strip() if files.mlflow_run_id.is_file() else None
-    tracker = RunTracker.start(
-        cfg.name, _run_name(), experiment_tags(cfg), parent_run_id, resume_run_id=resume_id
-    )
-    write_text_atomic(files.mlflow_run_id, tracker.run_id)
+    run_tags = {
+        **standard_tags(source, _description(cfg, plan)),
+        "method": cfg.compression.method,
+        "model": cfg.model.name,
+        "dataset": cfg.data.name,
+        "run_key": run_key(cfg),
+        "artifacts": str(files.root),
+        **(tags or {}),
+    }
     started = time.perf_counter()
-    try:
+    with tracked_run(cfg.name, name, run_tags, parent_run_id, resume_id) as tracker:
+        write_text_atomic(files.mlflow_run_id, tracker.run_id)
         if not files.config.is_file():
             write_text_atomic(files.config, yaml.safe_dump(values, sort_keys=False))
-        tracker.log_params(flatten_config(cfg))
-        tracker.set_tags({"run_key": run_key(cfg), "artifacts": str(files.root), **(tags or {})})
-        compute_s = 0.0  # time in pwf_core (training, fixing, evaluation), not orchestration
-        finished = files.finished_rounds(num_rounds)
-        logged = tracker.logged_steps("ws/unique_values")
-        if finished:
-            logger.info(
-                "resuming %s at round %d/%d (MLflow run %s)",
-                files.root,
-                finished + 1,
-                num_rounds,
-                tracker.run_id,
+        if flow_run.id:
+            tracker.set_tags(
+                {"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name}
+                | ({"prefect.flow_run_url": flow_run.ui_url} if flow_run.ui_url else {})
             )
-            tracker.set_tags({"resumed_at_round": finished})
-        if finished == 0 and not files.init.is_file():
+        logger.info("MLflow run %s: %s", tracker.run_id, tracker.url)
+        tracker.log_params(flatten_config(cfg))
+        compute_s = 0.0  # time in pwf_core (training, fixing, evaluation), not orchestration
+        finished = files.finished_steps(len(plan), warn=logger.warning)
+        if finished == 0 and not is_complete_safetensors(files.init):
             pretrained = pretrain_task(values, artifacts_dir, progress)
             compute_s += pretrained["seconds"]
             _log_pretraining(tracker, pretrained)
-            init_variance_task(values, pretrained["path"], artifacts_dir)
-        previous = files.round(finished - 1) if finished else files.init
-        _log_rounds(tracker, files, finished, logged)
-        for index in range(finished, num_rounds):
-            previous = Path(
-                fixing_round_task(values, index, str(previous), artifacts_dir, progress)["path"]
-            )
-            _log_rounds(tracker, files, index + 1, logged)
-            times = read_header(previous)["metrics"]
-            compute_s += times["time/train_s"] + times["time/fix_s"] + times["time/eval_s"]
-        if files.summary.is_file() and tracker.logged_steps("final/cls/acc"):
-            logger.info("experiment already complete: %s", files.summary)
-            summary = json.loads(files.summary.read_text())
+            previous = prepare_task(values, pretrained, artifacts_dir, progress)
         else:
-            summary = evaluate_task(values, str(previous), artifacts_dir)
-            compute_s += summary["seconds"]
-            tracker.log_metrics({f"final/{k}": v for k, v in summary["metrics"].items()})
-            tracker.log_artifact(files.config)
-            outputs = summary["outputs"]
-            tracker.log_artifact(Path(outputs["rounds"]), "tables")
-            tracker.log_artifact(Path(outputs["centres"]), "tables")
-            tracker.log_artifact(Path(outputs["plot"]), "plots")
-            tracker.log_artifact(Path(outputs["model"]), "model")
+            previous = {"path": str(files.step(finished - 1) if finished else files.init)}
+            if finished:
+                logger.info(
+                    "resuming %s at %s (MLflow run %s)", files.root, plan[finished], tracker.run_id
+                )
+                tracker.set_tags(
+                    {"resumed_at": str(plan[finished])} if finished < len(plan) else {}
+                )
+        logged = tracker.logged_steps("ws/fixed_fraction")
+        rows = []
+        for step in plan[:finished]:
+            metrics = read_checkpoint_header(files.step(step.index))["metrics"]
+            rows.append({"label": str(step), **metrics})
+            if step.index + 1 not in logged:  # a crash can fall between checkpoint and log
+                tracker.log_metrics(metrics, step=step.index + 1)
+        for step in plan[finished:]:
+            previous = step_task(
+                values,
+                step.index,
+                previous,
+                artifacts_dir,
+                str(step).replace("/", " of "),
+                progress,
+            )
+            metrics = previous["metrics"]
+            tracker.log_metrics(metrics, step=step.index + 1)
+            rows.append({"label": str(step), **metrics})
+            compute_s += sum(
+                metrics.get(k, 0.0) for k in ("time/train_s", "time/fix_s", "time/eval_s")
+            )
+        summary = evaluate_task(values, previous, artifacts_dir, _pretrained_acc(files), title)
+        compute_s += summary["seconds"]
+        tracker.log_metrics({f"final/{k}": v for k, v in summary["metrics"].items()})
+        tracker.log_artifact(files.config)
+        outputs = summary["outputs"]
+        for key, folder in (
+            ("steps", "tables"),
+            ("detail", "tables"),
+            ("plot", "plots"),
+            ("reliability", "plots"),
+            ("model", "model"),
+        ):
+            if key in outputs:
+                tracker.log_artifact(Path(outputs[key]), folder)
         timing = {"time/experiment_s": time.perf_counter() - started, "time/compute_s": compute_s}
         tracker.log_metrics(timing)
-    except KeyboardInterrupt:
-        tracker.finish("KILLED")
-        raise
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    tracker.finish("FINISHED")
+        if flow_run.id:
+            create_markdown_artifact(
+                _markdown(title, tracker, rows, summary["metrics"]),
+                key=_artifact_key(cfg),
+                description=f"{name}: per-step results and the MLflow run",
+            )
     return {
         "run_id": tracker.run_id,
         "experiment": cfg.name,
         "artifacts": str(files.root),
         "tracking_uri": tracking_uri(),
+        "url": tracker.url,
         "metrics": summary["metrics"],
         "timing": timing,
+        "already_complete": False,
     }

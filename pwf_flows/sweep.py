@@ -2,46 +2,89 @@
 
 Ask → run the trial → tell. Trials run in-process (the embedded default: each is a subflow) or,
 given ``trial_deployment`` (e.g. ``pwf-experiment/gpu``), as deployment runs on a work pool with
-up to ``execution.max_parallel`` in flight: one per GPU worker. The study lives in Optuna's
-storage, so rerunning the same sweep continues it; trials a crash left RUNNING are marked failed
-and their parameters queued again (their experiments resume from their round checkpoints).
+up to ``execution.max_parallel`` in flight: one per GPU worker.
 
-MLflow: one parent run per sweep (in the MLflow experiment named after the sweep), every trial a
-nested child run; the parent holds the trials table with the Pareto front (parquet), a plot of
-accuracy against unique values with the front highlighted, and parameter importances.
+The study lives in Optuna's storage, so rerunning a sweep continues it, and several drivers may
+work on one study at once:
+- the sampler is seeded from the study's seed and its trial count, so a continued sweep asks
+  new points instead of repeating the first ones; a configuration that is already complete (or
+  running) is skipped, never counted twice;
+- every running trial has a heartbeat from the process that owns it; only a trial whose
+  heartbeat stopped is failed and retried (with the same parameters, so its experiment resumes
+  from its checkpoints), never another live driver's;
+- a driver that finds a trial whose deployment run is still going on a worker adopts it and
+  waits for it instead of starting a duplicate;
+- a driver starts a trial only while complete + running trials are fewer than ``n_trials``.
+
+MLflow: one parent run per sweep, every trial a nested child run named by its number and
+parameters. Optuna trials carry their MLflow run id; the study names its objectives.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import threading
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pandas as pd
 from mlflow.tracking import MlflowClient
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.samplers import BaseSampler, GridSampler, NSGAIISampler, RandomSampler, TPESampler
-from optuna.trial import FrozenTrial, Trial, TrialState
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
-from flows.experiment import pwf_experiment
-from flows.plots import bar_chart, pareto_front
-from flows.sweep_spec import SweepSpec, dump_spec, load_sweep
-from flows.tracking import RunTracker, experiment_id
-from pwf_core.checkpoint import atomic_path, write_text_atomic
+from pwf_core._files import atomic_path, file_lock, write_text_atomic
+from pwf_core._seeding import derive_seed
 from pwf_core.config import ExperimentConfig, config_to_dict
+from pwf_flows.experiment import pwf_experiment
+from pwf_flows.plots import bar_chart, pareto_front
+from pwf_flows.sweep_spec import OBJECTIVES, SweepSpec, dump_spec, load_sweep, masked_url
+from pwf_flows.tracking import (
+    RunTracker,
+    experiment_id,
+    find_run,
+    sqlite_creation_lock,
+    tracked_run,
+)
+from pwf_flows.tracking import client as mlflow_client
 
 TRIAL_TAG = "sweep.trial"
 POLL_SECONDS = 2.0
 REPORTED = {"accuracy": "cls/acc", "unique_values": "ws/unique_values"}
+MIN_IMPORTANCE_TRIALS = 5
+MAX_RETRIES = 3
+DROP_TOLERANCE = 0.01  # "smallest unique count at <= 1 point drop"
 
 
-def _sampler(spec: SweepSpec) -> BaseSampler:
-    seed = spec.study.seed
+@contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    """Heartbeats with ask/tell and metric names are what pwf means to use; Optuna warns that
+    they are experimental (and that heartbeats are meant for ``optimize``) on every call."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        yield
+
+
+def sampler_for(spec: SweepSpec, trials_so_far: int) -> BaseSampler:
+    """The spec's sampler, seeded from the study seed and how many trials the study holds.
+
+    Rebuilt with the bare seed on every start, a continued sweep would ask the very points it
+    asked the first time.
+    """
+    seed = derive_seed(spec.study.seed, "sampler", trials_so_far)
     if spec.sampler == "grid":
         return GridSampler(spec.grid(), seed=seed)
     if spec.sampler == "nsga2":
@@ -51,32 +94,97 @@ def _sampler(spec: SweepSpec) -> BaseSampler:
     return TPESampler(seed=seed)
 
 
+def storage_for(spec: SweepSpec) -> RDBStorage:
+    """The study's database with heartbeats on; a trial whose heartbeat stops is retried."""
+    url = spec.study.resolved_storage()
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    with sqlite_creation_lock(url), _quiet_optuna():
+        return RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=spec.study.heartbeat_s,
+            grace_period=3 * spec.study.heartbeat_s,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
+        )
+
+
 def open_study(spec: SweepSpec) -> optuna.Study:
     """Create the study, or load it to continue (same name and storage)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.create_study(
+    storage = storage_for(spec)
+    study = optuna.create_study(
         study_name=spec.name,
-        storage=spec.study.resolved_storage(),
+        storage=storage,
         directions=spec.study.directions,
-        sampler=_sampler(spec),
         load_if_exists=True,
     )
+    study.sampler = sampler_for(spec, len(study.get_trials(deepcopy=False)))
+    with _quiet_optuna():
+        study.set_metric_names([OBJECTIVES[name].label for name in spec.study.objectives])
+    return study
 
 
-def requeue_interrupted(study: optuna.Study) -> list[int]:
-    """Mark trials left RUNNING by a crash as failed and queue their parameters again."""
-    interrupted = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for trial in interrupted:
-        study.tell(trial.number, state=TrialState.FAIL)
-        study.enqueue_trial(trial.params)
-    return [t.number for t in interrupted]
+class Heartbeats:
+    """Records a heartbeat for every trial this process owns, from one background thread."""
+
+    def __init__(self, study: optuna.Study, interval: float) -> None:
+        self.storage = study._storage
+        self.interval = interval
+        self.trial_ids: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="pwf-heartbeats")
+
+    def __enter__(self) -> Heartbeats:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def own(self, trial_id: int) -> None:
+        with self._lock:
+            self.trial_ids.add(trial_id)
+        self.storage.record_heartbeat(trial_id)
+
+    def release(self, trial_id: int) -> None:
+        with self._lock:
+            self.trial_ids.discard(trial_id)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                owned = list(self.trial_ids)
+            for trial_id in owned:
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception:  # a busy database must not kill the heartbeat thread
+                    continue
 
 
-def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
-    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+def trials_in(study: optuna.Study, *states: TrialState) -> list[FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=states)
 
 
-def suggest(trial: Trial, spec: SweepSpec) -> ExperimentConfig:
+def objective_values(spec: SweepSpec, metrics: dict[str, float]) -> list[float]:
+    """The trial's values in the order of the study's objectives (and directions)."""
+    return [float(metrics[key]) for key in spec.study.metric_keys]
+
+
+def tell(study: optuna.Study, spec: SweepSpec, number: int, result: dict[str, Any]) -> None:
+    """Report a finished trial: its objective values, and what the report and links need."""
+    metrics = result["metrics"]
+    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+    for name, key in REPORTED.items():
+        study._storage.set_trial_user_attr(trial_id, name, float(metrics[key]))
+    for key in ("mlflow_run_id", "pretrained_accuracy"):
+        if result.get(key) is not None:
+            study._storage.set_trial_user_attr(trial_id, key, result[key])
+    study.tell(number, objective_values(spec, metrics))
+
+
+def suggest(trial: optuna.Trial, spec: SweepSpec) -> ExperimentConfig:
     """Draw the trial's values from the space and build its experiment config."""
     for key, dim in spec.space.items():
         if dim.choices is not None:
@@ -89,16 +197,234 @@ def suggest(trial: Trial, spec: SweepSpec) -> ExperimentConfig:
     return spec.trial_config(trial.params)
 
 
-def _tell(study: optuna.Study, spec: SweepSpec, trial: Trial, metrics: dict) -> None:
-    """Report the objectives; accuracy and unique values are kept for the report either way."""
-    for name, key in REPORTED.items():
-        trial.set_user_attr(name, float(metrics[key]))
-    study.tell(trial, [float(metrics[key]) for key in spec.study.metric_keys])
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
 
 
-def _child_metrics(experiment: str, parent_run_id: str, number: int) -> dict[str, float]:
-    """Final metrics of trial ``number`` as its run logged them (for trials run elsewhere)."""
-    client = MlflowClient()
+def trial_run_name(number: int, params: dict[str, Any]) -> str:
+    """``trial-3 reg=0.00123, b=5``: the trial's number and what it tried."""
+    described = ", ".join(f"{key.split('.')[-1]}={_short(v)}" for key, v in params.items())
+    return f"trial-{number} {described}".strip()
+
+
+def _duplicate_of(study: optuna.Study, trial: optuna.Trial) -> int | None:
+    """The number of a complete or running trial with the same parameters, if any."""
+    for other in trials_in(study, TrialState.COMPLETE, TrialState.RUNNING):
+        if other.number != trial.number and other.params == trial.params:
+            return other.number
+    return None
+
+
+def _fail_stale(study: optuna.Study) -> list[int]:
+    """Fail (and queue again) the trials whose owner's heartbeat stopped."""
+    before = {t.number for t in trials_in(study, TrialState.RUNNING)}
+    with _quiet_optuna():
+        optuna.storages.fail_stale_trials(study)
+    after = {t.number for t in trials_in(study, TrialState.RUNNING)}
+    return sorted(before - after)
+
+
+class Driver:
+    """One sweep process: asks, runs (here or on a pool), tells, and reports progress."""
+
+    def __init__(self, study: optuna.Study, spec: SweepSpec, parent_run_id: str, progress: bool):
+        self.study, self.spec = study, spec
+        self.parent_run_id = parent_run_id
+        self.progress = progress
+        self.logger = get_run_logger()
+        self.compute_s = 0.0
+        self.failures = 0
+        self.skipped = 0
+
+    def counts(self) -> tuple[int, int]:
+        complete = len(trials_in(self.study, TrialState.COMPLETE))
+        running = len(trials_in(self.study, TrialState.RUNNING))
+        return complete, running
+
+    def next_trial(self, heartbeats: Heartbeats) -> tuple[optuna.Trial, ExperimentConfig] | None:
+        """Ask for a new configuration; ``None`` when the study has enough trials under way."""
+        while True:
+            complete, running = self.counts()
+            if complete + running >= self.spec.n_trials:
+                return None
+            with _quiet_optuna():
+                trial = self.study.ask()
+            heartbeats.own(trial._trial_id)
+            config = suggest(trial, self.spec)
+            complete, running = self.counts()
+            earlier_running = [
+                t for t in trials_in(self.study, TrialState.RUNNING) if t.number < trial.number
+            ]
+            if complete + len(earlier_running) >= self.spec.n_trials:
+                self._drop(trial, heartbeats, "surplus", "another driver took the last slot")
+                return None
+            duplicate = _duplicate_of(self.study, trial)
+            if duplicate is None:
+                return trial, config
+            self._drop(trial, heartbeats, "duplicate_of", duplicate)
+            self.skipped += 1
+            if self.skipped > 10 * max(self.spec.n_trials, 10):
+                raise RuntimeError(
+                    f"the sampler keeps proposing configurations that already ran "
+                    f"({self.skipped} skipped): the search space has nothing new left"
+                )
+
+    def _drop(self, trial: optuna.Trial, heartbeats: Heartbeats, key: str, value: Any) -> None:
+        trial.set_user_attr(key, value)
+        self.study.tell(trial, state=TrialState.PRUNED)
+        heartbeats.release(trial._trial_id)
+        if key == "duplicate_of":
+            self.logger.info("trial %d repeats trial %s: skipped", trial.number, value)
+
+    def parameters(self, number: int, params: dict, config: ExperimentConfig) -> dict:
+        return {
+            "config": config_to_dict(config),
+            "artifacts_dir": self.spec.execution.artifacts_dir,
+            "parent_run_id": self.parent_run_id,
+            "progress": self.progress,
+            "tags": {TRIAL_TAG: str(number), "sweep": self.spec.name},
+            "run_name": trial_run_name(number, params),
+            "source": f"pwf sweep {self.spec.name}",
+        }
+
+    def record(self, number: int, result: dict[str, Any]) -> None:
+        metrics = result["metrics"]
+        self.compute_s += result.get("timing", {}).get("time/compute_s", 0.0)
+        tell(self.study, self.spec, number, result)
+        complete, _ = self.counts()
+        self.logger.info(
+            "trial %d done (%d/%d complete): top-1 %.2f %%, %d unique values, MLflow run %s",
+            number,
+            complete,
+            self.spec.n_trials,
+            100 * metrics["cls/acc"],
+            metrics["ws/unique_values"],
+            result.get("mlflow_run_id"),
+        )
+
+    def fail(self, number: int, why: str) -> None:
+        self.logger.warning("trial %d failed: %s", number, why)
+        with contextlib.suppress(UpdateFinishedTrialError):
+            self.study.tell(number, state=TrialState.FAIL)
+        self.failures += 1
+        if self.failures > self.spec.n_trials:
+            raise RuntimeError(f"more failed trials ({self.failures}) than trials asked for")
+
+    def wait_for_others(self, deadline: float | None) -> bool:
+        """Sleep while other drivers' trials fill the study; ``False`` once it is done."""
+        requeued = _fail_stale(self.study)
+        if requeued:
+            self.logger.info("trials %s lost their owner: failed and queued again", requeued)
+            return True
+        complete, running = self.counts()
+        if complete >= self.spec.n_trials or (deadline is not None and time.time() > deadline):
+            return False
+        if running:
+            time.sleep(POLL_SECONDS)
+            return True
+        return complete < self.spec.n_trials
+
+    def run_in_process(self, deadline: float | None) -> None:
+        """Trials one after another in this process."""
+        with Heartbeats(self.study, self.spec.study.heartbeat_s) as heartbeats:
+            while deadline is None or time.time() < deadline:
+                _fail_stale(self.study)
+                asked = self.next_trial(heartbeats)
+                if asked is None:
+                    if not self.wait_for_others(deadline):
+                        return
+                    continue
+                trial, config = asked
+                complete, _ = self.counts()
+                self.logger.info(
+                    "trial %d (%d/%d complete so far): %s",
+                    trial.number,
+                    complete,
+                    self.spec.n_trials,
+                    trial.params,
+                )
+                try:
+                    result = pwf_experiment(**self.parameters(trial.number, trial.params, config))
+                except Exception as err:  # a failed trial is recorded, the sweep goes on
+                    heartbeats.release(trial._trial_id)
+                    self.fail(trial.number, repr(err))
+                    continue
+                heartbeats.release(trial._trial_id)
+                self.record(trial.number, {**result, "mlflow_run_id": result["run_id"]})
+
+    def adoptable(self, client) -> dict[Any, FrozenTrial]:
+        """Running trials whose deployment run is still going: adopt them, do not rerun."""
+        adopted = {}
+        for trial in trials_in(self.study, TrialState.RUNNING):
+            run_id = trial.user_attrs.get("prefect_flow_run_id")
+            if run_id is None:
+                continue
+            state = client.read_flow_run(run_id).state
+            if state is not None and not state.is_final():
+                adopted[run_id] = trial
+            elif state is not None and state.is_completed():
+                adopted[run_id] = trial  # finished while nobody watched: collect its result
+        return adopted
+
+    def run_on_pool(self, deployment: str, deadline: float | None) -> None:
+        """Trials as deployment runs, up to ``max_parallel`` in flight."""
+        in_flight: dict[Any, int] = {}
+        with (
+            get_client(sync_client=True) as client,
+            Heartbeats(self.study, self.spec.study.heartbeat_s) as heartbeats,
+        ):
+            for run_id, trial in self.adoptable(client).items():
+                heartbeats.own(trial._trial_id)
+                in_flight[run_id] = trial.number
+                self.logger.info("trial %d: adopted its running flow run %s", trial.number, run_id)
+            while True:
+                _fail_stale(self.study)
+                while len(in_flight) < self.spec.execution.max_parallel and (
+                    deadline is None or time.time() < deadline
+                ):
+                    asked = self.next_trial(heartbeats)
+                    if asked is None:
+                        break
+                    trial, config = asked
+                    params = self.parameters(trial.number, trial.params, config)
+                    run = run_deployment(
+                        deployment,
+                        parameters=params,
+                        flow_run_name=params["run_name"],
+                        timeout=0,
+                    )
+                    trial.set_user_attr("prefect_flow_run_id", str(run.id))
+                    in_flight[run.id] = trial.number
+                    self.logger.info(
+                        "trial %d submitted as flow run %s: %s", trial.number, run.id, trial.params
+                    )
+                if not in_flight:
+                    if not self.wait_for_others(deadline):
+                        return
+                    continue
+                time.sleep(POLL_SECONDS)
+                for run_id, number in list(in_flight.items()):
+                    state = client.read_flow_run(run_id).state
+                    if state is None or not state.is_final():
+                        continue
+                    del in_flight[run_id]
+                    trial_id = self.study._storage.get_trial_id_from_study_id_trial_number(
+                        self.study._study_id, number
+                    )
+                    heartbeats.release(trial_id)
+                    if state.is_completed():
+                        self.record(
+                            number, child_result(self.spec.name, self.parent_run_id, number)
+                        )
+                    else:
+                        self.fail(number, f"flow run {run_id} ended {state.type.value}")
+
+
+def child_result(experiment: str, parent_run_id: str, number: int) -> dict[str, Any]:
+    """Final metrics of trial ``number`` as its MLflow run logged them (trials run elsewhere)."""
+    client: MlflowClient = mlflow_client()
     runs = client.search_runs(
         [experiment_id(client, experiment)],
         filter_string=(
@@ -107,137 +433,126 @@ def _child_metrics(experiment: str, parent_run_id: str, number: int) -> dict[str
     )
     if not runs:
         raise RuntimeError(f"trial {number} left no MLflow run under {parent_run_id}")
-    final = runs[0].data.metrics
-    return {k.removeprefix("final/"): v for k, v in final.items() if k.startswith("final/")} | {
-        k: v for k, v in final.items() if k.startswith("time/")
-    }
-
-
-def _trial_parameters(spec: SweepSpec, config: ExperimentConfig, parent: str, number: int):
+    logged = runs[0].data.metrics
     return {
-        "config": config_to_dict(config),
-        "artifacts_dir": spec.execution.artifacts_dir,
-        "parent_run_id": parent,
-        "progress": False,
-        "tags": {TRIAL_TAG: str(number)},
+        "metrics": {
+            k.removeprefix("final/"): v for k, v in logged.items() if k.startswith("final/")
+        },
+        "timing": {k: v for k, v in logged.items() if k.startswith("time/")},
+        "mlflow_run_id": runs[0].info.run_id,
+        "pretrained_accuracy": logged.get("pretrain/test_acc"),
     }
-
-
-def _run_in_process(study, spec: SweepSpec, parent: RunTracker, deadline: float | None) -> float:
-    """Trials one after another in this process; returns their compute seconds."""
-    logger = get_run_logger()
-    compute, failures = 0.0, 0
-    while len(complete_trials(study)) < spec.n_trials and (
-        deadline is None or time.time() < deadline
-    ):
-        trial = study.ask()
-        config = suggest(trial, spec)
-        logger.info("trial %d: %s", trial.number, trial.params)
-        try:
-            result = pwf_experiment(**_trial_parameters(spec, config, parent.run_id, trial.number))
-        except Exception as err:  # a failed trial is recorded, the sweep goes on
-            logger.warning("trial %d failed: %s", trial.number, err)
-            study.tell(trial, state=TrialState.FAIL)
-            failures += 1
-            if failures > spec.n_trials:
-                raise RuntimeError(
-                    f"more failed trials ({failures}) than trials asked for"
-                ) from err
-            continue
-        compute += result["timing"]["time/compute_s"]
-        _tell(study, spec, trial, result["metrics"])
-    return compute
-
-
-def _run_on_pool(
-    study, spec: SweepSpec, parent: RunTracker, deployment: str, deadline: float | None
-) -> float:
-    """Trials as deployment runs, ``max_parallel`` in flight; returns their compute seconds."""
-    logger = get_run_logger()
-    in_flight: dict[Any, Trial] = {}
-    compute, failures = 0.0, 0
-    with get_client(sync_client=True) as client:
-        while True:
-            wanted = spec.n_trials - len(complete_trials(study)) - len(in_flight)
-            open_slots = spec.execution.max_parallel - len(in_flight)
-            while wanted > 0 and open_slots > 0 and (deadline is None or time.time() < deadline):
-                trial = study.ask()
-                config = suggest(trial, spec)
-                run = run_deployment(
-                    deployment,
-                    parameters=_trial_parameters(spec, config, parent.run_id, trial.number),
-                    flow_run_name=f"{spec.name}-trial-{trial.number}",
-                    timeout=0,
-                )
-                logger.info(
-                    "trial %d submitted as flow run %s: %s", trial.number, run.id, trial.params
-                )
-                in_flight[run.id] = trial
-                wanted, open_slots = wanted - 1, open_slots - 1
-            if not in_flight:
-                return compute
-            time.sleep(POLL_SECONDS)
-            for run_id, trial in list(in_flight.items()):
-                state = client.read_flow_run(run_id).state
-                if state is None or not state.is_final():
-                    continue
-                del in_flight[run_id]
-                if state.is_completed():
-                    metrics = _child_metrics(spec.name, parent.run_id, trial.number)
-                    compute += metrics.get("time/compute_s", 0.0)
-                    _tell(study, spec, trial, metrics)
-                    logger.info(
-                        "trial %d done: %s",
-                        trial.number,
-                        {k: metrics[v] for k, v in REPORTED.items()},
-                    )
-                else:
-                    logger.warning("trial %d ended %s", trial.number, state.type.value)
-                    study.tell(trial, state=TrialState.FAIL)
-                    failures += 1
-                    if failures > spec.n_trials:
-                        raise RuntimeError(f"more failed trials ({failures}) than trials asked for")
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
-    """One row per complete trial: its parameters, accuracy, unique values, Pareto membership."""
-    front = {t.number for t in study.best_trials}
+    """One row per complete trial: parameters, accuracy, unique values, Pareto membership."""
+    front = (
+        {t.number for t in study.best_trials} if trials_in(study, TrialState.COMPLETE) else set()
+    )
     rows = [
         {
             "trial": t.number,
             **{f"param.{k}": v for k, v in t.params.items()},
             **{name: t.user_attrs.get(name) for name in REPORTED},
+            "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
             "pareto": t.number in front,
         }
-        for t in complete_trials(study)
+        for t in trials_in(study, TrialState.COMPLETE)
     ]
     return pd.DataFrame(rows)
 
 
-def _importances(study: optuna.Study, spec: SweepSpec) -> dict[str, dict[str, float]]:
+def summary_metrics(study: optuna.Study, table: pd.DataFrame) -> dict[str, float]:
+    """Best top-1, the smallest unique count within one point of the reference accuracy, and
+    the size of the Pareto front (the reference: the pretrained model's top-1 when trials
+    recorded it, else the best trial's)."""
+    if table.empty:
+        return {"sweep/complete_trials": 0.0}
+    references = [
+        t.user_attrs["pretrained_accuracy"]
+        for t in trials_in(study, TrialState.COMPLETE)
+        if t.user_attrs.get("pretrained_accuracy") is not None
+    ]
+    reference = max(references) if references else float(table["accuracy"].max())
+    close = table[table["accuracy"] >= reference - DROP_TOLERANCE]
+    return {
+        "sweep/complete_trials": float(len(table)),
+        "sweep/best_accuracy": float(table["accuracy"].max()),
+        "sweep/reference_accuracy": float(reference),
+        "sweep/min_unique_values_within_1pt": (
+            float(close["unique_values"].min()) if not close.empty else math.nan
+        ),
+        "sweep/pareto_size": float(table["pareto"].sum()),
+    }
+
+
+def importances(study: optuna.Study, spec: SweepSpec) -> dict[str, dict[str, float]]:
+    """Parameter importances per objective, for the direction it is optimised in.
+
+    Optuna's evaluator ranks what leads to *low* values, so maximised objectives are negated.
+    With fewer than :data:`MIN_IMPORTANCE_TRIALS` complete trials there is nothing to rank.
+    """
+    complete = trials_in(study, TrialState.COMPLETE)
+    if len(complete) < MIN_IMPORTANCE_TRIALS:
+        return {}
     found = {}
     for index, name in enumerate(spec.study.objectives):
+        sign = -1.0 if OBJECTIVES[name].direction == "maximize" else 1.0
         try:
-            found[name] = optuna.importance.get_param_importances(
-                study, target=lambda t, i=index: t.values[i]
-            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                found[name] = optuna.importance.get_param_importances(
+                    study, target=lambda t, i=index, s=sign: s * t.values[i]
+                )
         except (RuntimeError, ValueError, ZeroDivisionError) as err:
             get_run_logger().info("no parameter importances for %s: %s", name, err)
     return found
 
 
-def _report(study: optuna.Study, spec: SweepSpec, parent: RunTracker, folder: Path) -> pd.DataFrame:
+def _method_label(spec: SweepSpec) -> str:
+    """The method a sweep tunes, or "several methods" when the space swaps the section."""
+    methods = {
+        spec.trial_config(
+            {key: label for key, label in zip(spec.space, labels, strict=True)}
+        ).compression.method
+        for labels in zip(*(dim.probe_labels() for dim in spec.space.values()), strict=False)
+    }
+    return methods.pop() if len(methods) == 1 else "several methods"
+
+
+def _report(study: optuna.Study, spec: SweepSpec, parent, folder: Path) -> pd.DataFrame:
+    logger = get_run_logger()
     table = trials_table(study)
     tables = folder / "trials.parquet"
     with atomic_path(tables) as tmp:
         table.to_parquet(tmp, index=False)
     parent.log_artifact(tables, "tables")
+    summary = summary_metrics(study, table)
     if not table.empty:
-        plot = pareto_front(table, folder / "pareto_front.png", f"{spec.name}: {len(table)} trials")
+        title = f"{spec.name}: {len(table)} trials ({_method_label(spec)})"
+        plot = pareto_front(
+            table, folder / "pareto_front.png", title, summary.get("sweep/reference_accuracy")
+        )
         parent.log_artifact(plot, "plots")
-    for name, values in _importances(study, spec).items():
-        path = bar_chart(values, folder / f"importance_{name}.png", f"parameter importance: {name}")
+    found = importances(study, spec)
+    if not found:
+        logger.info(
+            "parameter importances skipped: %d complete trials, at least %d needed",
+            len(table),
+            MIN_IMPORTANCE_TRIALS,
+        )
+    for name, values in found.items():
+        objective = OBJECTIVES[name]
+        better = "higher" if objective.direction == "maximize" else "lower"
+        path = bar_chart(
+            values,
+            folder / f"importance_{name}.png",
+            f"what drives {objective.label} ({better} is better)\n"
+            f"{spec.name}, {_method_label(spec)}, {len(table)} trials",
+            "importance (PED-ANOVA, normalised)",
+        )
         parent.log_artifact(path, "plots")
+    parent.log_metrics(summary)
     return table
 
 
@@ -250,6 +565,7 @@ def pwf(
     sweep: str = "sweeps/full-sweep.yaml",
     overrides: dict[str, Any] | None = None,
     trial_deployment: str | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Run (or continue) the Optuna study a sweep file describes.
 
@@ -258,26 +574,34 @@ def pwf(
         overrides: Dotted keys replacing sweep fields, e.g. ``{"study.n_trials": 3}``.
         trial_deployment: Run trials as runs of this deployment (``pwf-experiment/gpu``)
             instead of in this process.
+        progress: Progress bars in the trials.
 
     Returns:
-        The study name, trial counts, timing, and the Pareto front rows.
+        The study name, trial counts, timing, the MLflow parent run, and the Pareto front.
     """
     spec = load_sweep(sweep, overrides)
     logger = get_run_logger()
     study = open_study(spec)
-    requeued = requeue_interrupted(study)
-    if requeued:
-        logger.info("trials %s were interrupted: marked failed and queued again", requeued)
-    parent = RunTracker.start(
+    logger.info(
+        "study '%s' in %s: %d trials so far, %d wanted complete",
         spec.name,
-        f"sweep-{spec.name}",
-        tags={"kind": "sweep", "sampler": spec.sampler},
-        resume_run_id=study.user_attrs.get("mlflow_run_id"),
+        masked_url(spec.study.resolved_storage()),
+        len(study.get_trials(deepcopy=False)),
+        spec.n_trials,
     )
-    study.set_user_attr("mlflow_run_id", parent.run_id)
     started = time.perf_counter()
     deadline = time.time() + spec.study.timeout_s if spec.study.timeout_s else None
-    try:
+    tags = {"kind": "sweep", "sampler": spec.sampler, "optuna.study": spec.name}
+    if flow_run.id:
+        tags["prefect.flow_run_id"] = flow_run.id
+    folder = Path(spec.execution.artifacts_dir).resolve() / "sweeps" / spec.name
+    run_name = f"sweep-{spec.name}"
+    with file_lock(folder / ".parent.lock"):  # drivers started together share one parent run
+        parent_id = study.user_attrs.get("mlflow_run_id")
+        if parent_id is None or find_run(spec.name, parent_id) is None:
+            parent_id = RunTracker.open(spec.name, run_name, tags).run_id
+            study.set_user_attr("mlflow_run_id", parent_id)
+    with tracked_run(spec.name, run_name, tags, resume_run_id=parent_id) as parent:
         parent.log_params(
             {
                 "sweep.n_trials": spec.n_trials,
@@ -287,28 +611,21 @@ def pwf(
                 "sweep.base": spec.base.name,
             }
         )
-        folder = Path(spec.execution.artifacts_dir).resolve() / "sweeps" / spec.name
         write_text_atomic(folder / "sweep.yaml", dump_spec(spec))
         parent.log_artifact(folder / "sweep.yaml")
+        driver = Driver(study, spec, parent.run_id, progress)
         if trial_deployment:
-            compute = _run_on_pool(study, spec, parent, trial_deployment, deadline)
+            driver.run_on_pool(trial_deployment, deadline)
         else:
-            compute = _run_in_process(study, spec, parent, deadline)
+            driver.run_in_process(deadline)
         table = _report(study, spec, parent, folder)
         wall = time.perf_counter() - started
         timing = {
             "sweep/wall_s": wall,
-            "sweep/compute_s": compute,
-            "sweep/orchestration_s": wall - compute,
+            "sweep/compute_s": driver.compute_s,
+            "sweep/orchestration_s": wall - driver.compute_s,
         }
-        parent.log_metrics(timing | {"sweep/complete_trials": len(table)})
-    except KeyboardInterrupt:
-        parent.finish("KILLED")
-        raise
-    except BaseException:
-        parent.finish("FAILED")
-        raise
-    parent.finish("FINISHED")
+        parent.log_metrics(timing)
     logger.info(
         "sweep %s: %d complete trials, Pareto front:\n%s",
         spec.name,
@@ -319,13 +636,17 @@ def pwf(
         "study": spec.name,
         "complete_trials": len(table),
         "mlflow_run_id": parent.run_id,
+        "url": parent.url,
         "timing": timing,
         "pareto": table[table["pareto"]].to_dict(orient="records") if not table.empty else [],
     }
 
 
-def pareto_report(spec: SweepSpec) -> pd.DataFrame:
-    """The study's complete trials with the Pareto front marked (read-only)."""
+def pareto_report(spec: SweepSpec) -> pd.DataFrame | None:
+    """The study's complete trials with the Pareto front marked; ``None`` without a study."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=spec.name, storage=spec.study.resolved_storage())
+    try:
+        study = optuna.load_study(study_name=spec.name, storage=spec.study.resolved_storage())
+    except KeyError:
+        return None
     return trials_table(study)

@@ -23,8 +23,9 @@ the trial config), ranges must be non-empty, and the storage URL must be one Opt
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -35,18 +36,41 @@ from pwf_core.config import (
     ConfigError,
     ExperimentConfig,
     apply_overrides,
+    check_name,
     parse_config,
     read_yaml,
 )
 
+
+class Objective(NamedTuple):
+    """An objective: the final metric it reads, its direction, and its name in the UIs."""
+
+    metric: str
+    direction: str
+    label: str
+
+
 OBJECTIVES = {
-    "accuracy": ("cls/acc", "maximize"),
-    "unique_values": ("ws/unique_values", "minimize"),
-    "nll": ("cls/nll", "minimize"),
-    "ece": ("cal/ece", "minimize"),
-    "entropy_bits": ("ws/entropy_bits", "minimize"),
+    "accuracy": Objective("cls/acc", "maximize", "top-1"),
+    "unique_values": Objective("ws/unique_values", "minimize", "unique values"),
+    "nll": Objective("cls/nll", "minimize", "NLL"),
+    "ece": Objective("cal/ece", "minimize", "ECE"),
+    "entropy_bits": Objective("ws/entropy_bits", "minimize", "weight entropy (bits)"),
 }
 STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for logs, files and reports)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+def expand_storage(url: str) -> str:
+    """``url`` with ``${VAR}`` references (e.g. a password from ``.env``) filled in."""
+    return os.path.expandvars(url)
 
 
 class _Strict(BaseModel):
@@ -107,6 +131,12 @@ class Dimension(_Strict):
             return self.choices[suggested]
         return suggested
 
+    def probe_labels(self) -> list[Any]:
+        """What Optuna could suggest at the probes: both ends, or every choice's label."""
+        if self.choices is not None:
+            return self.labels()
+        return list(self.float_range or self.int_range)  # type: ignore[arg-type]
+
     def probe_values(self) -> list[Any]:
         """Values that validation builds trial configs from: both ends, or every choice."""
         if self.choices is not None:
@@ -139,7 +169,10 @@ class StudySpec(_Strict):
         n_trials: Complete trials wanted (a grid defaults to its size).
         timeout_s: Stop asking for new trials after this long.
         storage: Optuna storage URL; relative sqlite paths are resolved against the working
-            directory (the default sits beside ``mlruns.db``). PostgreSQL on a cluster.
+            directory (the default sits beside ``mlruns.db``). PostgreSQL on a cluster, with
+            the password as ``${VAR}`` from the environment rather than written in the file.
+        heartbeat_s: Seconds between heartbeats of running trials; a trial silent for three
+            of them has lost its process and is retried.
     """
 
     objectives: list[Literal["accuracy", "unique_values", "nll", "ece", "entropy_bits"]] = [
@@ -151,6 +184,7 @@ class StudySpec(_Strict):
     n_trials: int | None = Field(None, gt=0)
     timeout_s: float | None = Field(None, gt=0)
     storage: str = "sqlite:///optuna.db"
+    heartbeat_s: int = Field(10, ge=1, le=3600)
 
     @field_validator("objectives")
     @classmethod
@@ -162,34 +196,37 @@ class StudySpec(_Strict):
     @field_validator("storage")
     @classmethod
     def _storage_url(cls, url: str) -> str:
+        shown = masked_url(url)
         try:
-            parsed = make_url(url)
-        except ArgumentError as err:
-            raise ValueError(f"'{url}' is not a database URL: {err}") from None
+            parsed = make_url(expand_storage(url))
+        except ArgumentError:
+            raise ValueError(f"'{shown}' is not a database URL") from None
         if parsed.get_backend_name() not in STORAGE_SCHEMES:
-            raise ValueError(f"storage '{url}' must be one of {', '.join(STORAGE_SCHEMES)}")
+            raise ValueError(f"storage '{shown}' must be one of {', '.join(STORAGE_SCHEMES)}")
         if parsed.get_backend_name() == "sqlite":
             if not parsed.database:
-                raise ValueError(f"sqlite storage '{url}' names no file")
+                raise ValueError(f"sqlite storage '{shown}' names no file")
             folder = Path(parsed.database).expanduser().resolve().parent
             if not folder.is_dir():
-                raise ValueError(f"folder '{folder}' of sqlite storage '{url}' does not exist")
+                raise ValueError(f"folder '{folder}' of sqlite storage '{shown}' does not exist")
         return url
 
     @property
     def directions(self) -> list[str]:
-        return [OBJECTIVES[name][1] for name in self.objectives]
+        return [OBJECTIVES[name].direction for name in self.objectives]
 
     @property
     def metric_keys(self) -> list[str]:
-        return [OBJECTIVES[name][0] for name in self.objectives]
+        return [OBJECTIVES[name].metric for name in self.objectives]
 
     def resolved_storage(self) -> str:
-        """The storage URL with a relative sqlite path made absolute."""
-        url = make_url(self.storage)
+        """The storage URL to connect with: variables expanded, a relative sqlite path made
+        absolute. It may hold a password: show :func:`masked_url` of it, never the URL."""
+        expanded = expand_storage(self.storage)
+        url = make_url(expanded)
         if url.get_backend_name() == "sqlite" and not Path(url.database).is_absolute():
             return f"sqlite:///{Path(url.database).expanduser().resolve()}"
-        return self.storage
+        return expanded
 
 
 class ExecutionSpec(_Strict):
@@ -211,6 +248,12 @@ class SweepSpec(_Strict):
     name: str
     base: Path
     overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        return check_name(name)
+
     space: dict[str, Dimension]
     study: StudySpec = StudySpec()
     execution: ExecutionSpec = ExecutionSpec()
@@ -290,7 +333,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
         ConfigError: naming the offending field for any problem.
     """
     path = Path(path)
-    values = apply_overrides(read_yaml(path), overrides or {})
+    values = apply_overrides(read_yaml(path, "sweep file"), overrides or {})
     base = values.get("base")
     if isinstance(base, str) and not Path(base).is_absolute():
         values["base"] = str((path.parent / base).resolve())
@@ -305,5 +348,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
 
 
 def dump_spec(spec: SweepSpec) -> str:
-    """The validated sweep as YAML (logged with the sweep's MLflow run)."""
-    return yaml.safe_dump(spec.model_dump(mode="json", by_alias=True), sort_keys=False)
+    """The validated sweep as YAML (logged with the sweep's MLflow run), password masked."""
+    values = spec.model_dump(mode="json", by_alias=True)
+    values["study"]["storage"] = masked_url(spec.study.storage)
+    return yaml.safe_dump(values, sort_keys=False)

@@ -2,14 +2,18 @@
 
 Runs are driven through ``MlflowClient`` with explicit run ids (no global "active run"), so a
 resumed experiment reopens its own run, and sweep trials are nested under their sweep's run by
-the ``mlflow.parentRunId`` tag.
+the ``mlflow.parentRunId`` tag. :func:`tracked_run` owns a run's status: whatever happens
+inside it, the run ends FINISHED, FAILED or KILLED, never RUNNING.
 """
 
 from __future__ import annotations
 
+import getpass
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -17,39 +21,106 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from sqlalchemy.engine import make_url
 
-from pwf_core.config import ExperimentConfig
+from pwf_core._files import file_lock
+from pwf_flows.errors import TrackingError
 
 MAX_BATCH = 900  # MLflow accepts at most 1000 entities per log_batch call
+LOCAL_UI = "http://127.0.0.1:5000"
 
 
 def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
+@contextmanager
+def sqlite_creation_lock(uri: str) -> Iterator[None]:
+    """Serialise the first opening of a SQLite store between processes.
+
+    Two sweeps started at once on a fresh folder both create MLflow's tables; without the lock
+    one of them crashes in the middle of the other's migration.
+    """
+    if not uri.startswith("sqlite:"):
+        yield
+        return
+    database = make_url(uri).database
+    if not database:
+        yield
+        return
+    with file_lock(Path(database).with_suffix(".lock")):
+        yield
+
+
+@cache
+def _client_for(uri: str) -> MlflowClient:
+    with sqlite_creation_lock(uri):
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)  # creates the tables while the lock is held
+    return client
+
+
+def client() -> MlflowClient:
+    """A client for the current tracking URI (its store created safely)."""
+    return _client_for(tracking_uri())
+
+
 def git_commit(cwd: Path | None = None) -> str:
     """The checkout's commit, or ``unknown`` outside a git repository."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd or Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
         )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return out.stdout.strip()
 
 
-def experiment_id(client: MlflowClient, name: str) -> str:
-    """Id of the MLflow experiment ``name``, created when missing (safe against races)."""
-    existing = client.get_experiment_by_name(name)
-    if existing is not None:
-        return existing.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:
-        existing = client.get_experiment_by_name(name)
-        if existing is None:
-            raise
-        return existing.experiment_id
+def experiment_id(mlflow_client: MlflowClient, name: str) -> str:
+    """Id of the MLflow experiment ``name``, created when missing (safe against races).
+
+    Raises:
+        TrackingError: when the experiment exists but was deleted (it sits in the trash).
+    """
+    existing = mlflow_client.get_experiment_by_name(name)
+    if existing is None:
+        try:
+            return mlflow_client.create_experiment(name)
+        except MlflowException:
+            existing = mlflow_client.get_experiment_by_name(name)
+            if existing is None:
+                raise
+    if existing.lifecycle_stage == "deleted":
+        raise TrackingError(
+            f"MLflow experiment '{name}' was deleted (id {existing.experiment_id}, in the trash): "
+            f"restore it with `mlflow experiments restore --experiment-id "
+            f"{existing.experiment_id}` or give the experiment another name"
+        )
+    return existing.experiment_id
+
+
+def run_url(experiment: str, run_id: str, uri: str | None = None) -> str:
+    """Where a person opens the run: the server's page, or the local UI's for a SQLite store."""
+    uri = uri or tracking_uri()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    return f"{base}/#/experiments/{experiment}/runs/{run_id}"
+
+
+def standard_tags(source: str, description: str | None = None) -> dict[str, str]:
+    """MLflow's own fields: source, commit, user and the run's description."""
+    tags = {
+        "mlflow.source.name": source,
+        "mlflow.source.type": "PROJECT",
+        "mlflow.source.git.commit": git_commit(),
+        "mlflow.user": getpass.getuser(),
+    }
+    if description:
+        tags["mlflow.note.content"] = description
+    return tags
 
 
 class RunTracker:
@@ -57,15 +128,17 @@ class RunTracker:
 
     Args:
         run_id: The run.
-        client: Client bound to the tracking URI.
+        experiment_id: Its MLflow experiment.
+        mlflow_client: Client bound to the tracking URI.
     """
 
-    def __init__(self, run_id: str, client: MlflowClient | None = None) -> None:
+    def __init__(self, run_id: str, experiment_id: str, mlflow_client: MlflowClient) -> None:
         self.run_id = run_id
-        self.client = client or MlflowClient()
+        self.experiment_id = experiment_id
+        self.client = mlflow_client
 
     @classmethod
-    def start(
+    def open(
         cls,
         experiment: str,
         run_name: str,
@@ -73,31 +146,35 @@ class RunTracker:
         parent_run_id: str | None = None,
         resume_run_id: str | None = None,
     ) -> RunTracker:
-        """Reopen ``resume_run_id`` when it exists in the store, else create a new run."""
-        client = MlflowClient()
+        """Reopen ``resume_run_id`` when it exists in the store, else create a new run.
+
+        A reopened run gets the current name and tags (a retried sweep trial has a new number).
+        """
+        mlflow_client = client()
+        eid = experiment_id(mlflow_client, experiment)
+        all_tags = {"mlflow.runName": run_name, **(tags or {})}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
         if resume_run_id:
-            try:
-                client.get_run(resume_run_id)
-            except MlflowException:
-                resume_run_id = None
-        if resume_run_id:
-            client.update_run(resume_run_id, status="RUNNING")
-            tracker = cls(resume_run_id, client)
-        else:
-            all_tags = {"mlflow.runName": run_name, **(tags or {})}
-            if parent_run_id:
-                all_tags["mlflow.parentRunId"] = parent_run_id
-            run = client.create_run(experiment_id(client, experiment), tags=all_tags)
-            tracker = cls(run.info.run_id, client)
-        return tracker
+            run = find_run(experiment, resume_run_id)
+            if run is not None and run.info.experiment_id == eid:
+                mlflow_client.update_run(resume_run_id, status="RUNNING", name=run_name)
+                tracker = cls(resume_run_id, eid, mlflow_client)
+                tracker.set_tags(all_tags)
+                return tracker
+        run = mlflow_client.create_run(eid, tags=all_tags, run_name=run_name)
+        return cls(run.info.run_id, eid, mlflow_client)
 
     @property
-    def resumed_params(self) -> dict[str, str]:
+    def url(self) -> str:
+        return run_url(self.experiment_id, self.run_id)
+
+    def logged_params(self) -> dict[str, str]:
         return self.client.get_run(self.run_id).data.params
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log parameters not yet logged (MLflow params are write-once)."""
-        present = self.resumed_params
+        present = self.logged_params()
         entries = [Param(k, str(v)) for k, v in params.items() if k not in present]
         for start in range(0, len(entries), MAX_BATCH):
             self.client.log_batch(self.run_id, params=entries[start : start + MAX_BATCH])
@@ -117,16 +194,43 @@ class RunTracker:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def status(self) -> str:
+        return self.client.get_run(self.run_id).info.status
+
     def finish(self, status: str = "FINISHED") -> None:
-        """Mark the run ``FINISHED`` or ``FAILED`` (what was logged stays)."""
+        """Mark the run ``FINISHED``, ``FAILED`` or ``KILLED`` (what was logged stays)."""
         self.client.set_terminated(self.run_id, status=status)
 
 
-def experiment_tags(config: ExperimentConfig) -> dict[str, str]:
-    """Tags every experiment run carries."""
-    return {
-        "method": config.fixing.method,
-        "model": config.model.name,
-        "dataset": config.data.name,
-        "git_commit": git_commit(),
-    }
+@contextmanager
+def tracked_run(
+    experiment: str,
+    run_name: str,
+    tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
+    resume_run_id: str | None = None,
+) -> Iterator[RunTracker]:
+    """Open (or reopen) a run and close it with the status the block earned.
+
+    FINISHED when the block returns, KILLED on Ctrl-C, FAILED on any other exception (which is
+    re-raised).
+    """
+    tracker = RunTracker.open(experiment, run_name, tags, parent_run_id, resume_run_id)
+    try:
+        yield tracker
+    except KeyboardInterrupt:
+        tracker.finish("KILLED")
+        raise
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish("FINISHED")
+
+
+def find_run(experiment: str, run_id: str) -> Any | None:
+    """The run ``run_id`` if it is in the store and not deleted."""
+    try:
+        run = client().get_run(run_id)
+    except MlflowException:
+        return None
+    return None if run.info.lifecycle_stage == "deleted" else run

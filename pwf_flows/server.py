@@ -1,0 +1,147 @@
+"""A temporary Prefect server for ``pwf run``/``pwf sweep`` that dies with the command.
+
+Without ``PREFECT_API_URL`` Prefect would start its own temporary server in a child process
+that outlives a SIGKILLed parent (about 200 MB, still listening). pwf starts the same server
+(Prefect's app under uvicorn, UI off) with the Linux parent-death signal set, so the kernel
+stops it whenever the command ends, however it ends. Starts are serialised by a lock file, so
+two commands on a fresh ``PREFECT_HOME`` do not migrate its database at the same time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pwf_core._files import file_lock
+from pwf_flows.errors import ServerError
+
+PR_SET_PDEATHSIG = 1
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent(parent: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _drain_prefect_clients() -> None:
+    """Send Prefect's queued logs and events while the server still listens; later records
+    stay local (otherwise they would be retried against a closed port for a minute)."""
+    if "prefect" not in sys.modules:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogHandler, APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=10)
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        if isinstance(logger, logging.Logger):
+            for handler in [h for h in logger.handlers if isinstance(h, APILogHandler)]:
+                logger.removeHandler(handler)
+
+
+@contextmanager
+def prefect_api() -> Iterator[str]:
+    """Yield the Prefect API URL: ``PREFECT_API_URL`` when set, else a temporary server's.
+
+    Raises:
+        ServerError: when the temporary server exits or does not answer in time
+            (``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``, 120 s by default).
+    """
+    existing = os.environ.get("PREFECT_API_URL")
+    if existing:
+        yield existing
+        return
+    if "prefect" in sys.modules:
+        # Prefect reads its settings when imported; a URL set now would be ignored.
+        raise ServerError("start the temporary Prefect server before importing prefect")
+    package = importlib.util.find_spec("prefect")
+    assert package is not None and package.origin is not None
+
+    home = Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect"))
+    home.mkdir(parents=True, exist_ok=True)
+    timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
+    parent = os.getpid()
+    with file_lock(home / "server-start.lock"):
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}/api"
+        log = open(home / "temporary-server.log", "ab")  # noqa: SIM115 (lives with the server)
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--app-dir",
+                str(Path(package.origin).parent.parent),
+                "--factory",
+                "prefect.server.api.server:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "error",
+                "--lifespan",
+                "on",
+            ],
+            env={
+                **os.environ,
+                "PREFECT_UI_ENABLED": "0",
+                "PREFECT__SERVER_EPHEMERAL": "1",
+                "PREFECT__SERVER_FINAL": "1",
+            },
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lambda: _die_with_parent(parent),
+        )
+        deadline = time.monotonic() + timeout
+        while not _healthy(url):
+            if process.poll() is not None:
+                log.close()
+                raise ServerError(
+                    f"the temporary Prefect server exited ({process.returncode}); see "
+                    f"{home / 'temporary-server.log'}"
+                )
+            if time.monotonic() > deadline:
+                process.kill()
+                raise ServerError(f"the temporary Prefect server did not answer in {timeout:.0f} s")
+            time.sleep(0.2)
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        yield url
+    finally:
+        _drain_prefect_clients()
+        del os.environ["PREFECT_API_URL"]
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
