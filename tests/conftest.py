@@ -24,7 +24,7 @@ def prefect_server():
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
-    import flows  # noqa: F401  (offline defaults before Prefect loads)
+    import pwf_flows  # noqa: F401  (offline defaults before Prefect loads)
 
     with prefect_test_harness(server_startup_timeout=120):
         yield PREFECT_API_URL.value()

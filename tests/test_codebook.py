@@ -3,7 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
-from pwf_core.codebook import pow2_codebook
+from pwf_core.methods.pwfn.codebook import pow2_codebook
 
 
 def plain_codebook(b: int, max_abs: float, order: int) -> list[float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,13 +13,14 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from flows.artifacts import ExperimentFiles
-from flows.cli import main as pwf_main
-from flows.experiment import pwf_experiment
-from pwf_core.checkpoint import CheckpointError
+from pwf_core._files import CheckpointError
 from pwf_core.config import ConfigError, config_to_dict, load_config
-from tests.conftest import DEFAULT_CONFIG, ROOT
+from pwf_flows.artifacts import ExperimentFiles
+from pwf_flows.experiment import default_run_name, pwf_experiment
+from tests.conftest import DEFAULT_CONFIG
 
 ROUND_METRICS = [
     "cls/acc",
@@ -26,13 +28,14 @@ ROUND_METRICS = [
     "cls/nll",
     "cal/ece",
     "ws/unique_values",
+    "ws/unique_fixed_values",
     "ws/fixed_fraction",
     "ws/entropy_bits",
 ]
 SMALL = {
     "pretrain.epochs": 6,
     "train.epochs": 0.5,
-    "fixing.schedule": [0.4, 0.8, 1.0],
+    "compression.schedule": [0.4, 0.8, 1.0],
     "eval.mc_samples": 2,
 }
 
@@ -47,40 +50,104 @@ def runs_of(experiment: str) -> list:
     return [] if found is None else client.search_runs([found.experiment_id])
 
 
+def task_runs_of(flow_run_id: str) -> dict:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+        artifacts = client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+        flow_run = client.read_flow_run(flow_run_id)
+    return {"tasks": {run.name: run for run in runs}, "artifacts": artifacts, "flow": flow_run}
+
+
+def upstream(task_run, parameter: str) -> set[str]:
+    return {str(item.id) for item in task_run.task_inputs.get(parameter, [])}
+
+
 @pytest.mark.integration
-def test_flow_logs_every_round_and_artifact(prefect_server, mlflow_store, tmp_path):
+def test_flow_logs_every_step_links_and_artifacts(prefect_server, mlflow_store, tmp_path):
     config = small_config(name="flow-e2e")
     result = pwf_experiment(config=config, artifacts_dir=str(tmp_path / "a"), progress=False)
     (run,) = runs_of("flow-e2e")
-    assert run.info.run_id == result["run_id"] and run.info.status == "FINISHED"
+    run_id = run.info.run_id
+    assert run_id == result["run_id"] and run.info.status == "FINISHED"
+    assert run.info.run_name == default_run_name(load_config(overrides=config))
+    assert run.info.run_name.startswith("pwfn-small_cnn-digits-")
     client = MlflowClient()
     for key in ROUND_METRICS:
-        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
-        assert steps == [0, 1, 2], key
-    assert client.get_metric_history(run.info.run_id, "ws/fixed_fraction")[-1].value == 1.0
-    assert len(client.get_metric_history(run.info.run_id, "pretrain/loss")) == 6
-    assert run.data.params["fixing.reg"] == str(2**-11)
-    assert run.data.params["model.name"] == "small_cnn"
-    assert {"method", "model", "dataset", "git_commit"} <= set(run.data.tags)
-    assert run.data.tags["method"] == "pwfn"
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert "config.yaml" in artifacts
-    nested = {
+        steps = sorted(m.step for m in client.get_metric_history(run_id, key))
+        assert steps == [1, 2, 3], key  # rounds are numbered from 1, as people read them
+    assert client.get_metric_history(run_id, "ws/fixed_fraction")[-1].value == 1.0
+    fixed_counts = [m.value for m in client.get_metric_history(run_id, "ws/unique_fixed_values")]
+    assert max(fixed_counts) <= 64  # the readable count, not the ~28,000 free values
+    assert len(client.get_metric_history(run_id, "pretrain/loss")) == 6
+    tags, params = run.data.tags, run.data.params
+    assert params["compression.reg"] == str(2**-11) and params["model.name"] == "small_cnn"
+    assert tags["method"] == "pwfn" and tags["mlflow.source.name"] == "pwf-experiment"
+    assert len(tags["mlflow.source.git.commit"]) in (40, len("unknown"))
+    assert tags["mlflow.user"] and "pwfn on small_cnn / digits" in tags["mlflow.note.content"]
+    # MLflow -> Prefect: the flow run the tag names is this run's, under the same name.
+    prefect = task_runs_of(tags["prefect.flow_run_id"])
+    assert prefect["flow"].name == run.info.run_name
+    # Prefect -> MLflow: a markdown artifact with the per-round table and the run's URL.
+    (artifact,) = [a for a in prefect["artifacts"] if a.type == "markdown"]
+    assert result["url"] in artifact.data and f"/runs/{run_id}" in result["url"]
+    assert "| round 3/3 |" in artifact.data and "**final**" in artifact.data
+    # Prefect's graph is the real chain: each task's input is the previous task's result.
+    tasks = prefect["tasks"]
+    assert upstream(tasks[_named(tasks, "prepare")], "pretrained") == {
+        str(tasks[_named(tasks, "pretrain")].id)
+    }
+    chain = [tasks["round 1 of 3"], tasks["round 2 of 3"], tasks["round 3 of 3"]]
+    assert upstream(chain[0], "previous") == {str(tasks[_named(tasks, "prepare")].id)}
+    assert upstream(chain[1], "previous") == {str(chain[0].id)}
+    assert upstream(chain[2], "previous") == {str(chain[1].id)}
+    assert upstream(tasks[_named(tasks, "evaluate")], "last_step") == {str(chain[2].id)}
+    logged = {
         f.path
         for folder in ("tables", "plots", "model")
-        for f in client.list_artifacts(run.info.run_id, folder)
+        for f in client.list_artifacts(run_id, folder)
     }
-    assert nested == {
-        "tables/rounds.parquet",
-        "tables/centres.parquet",
+    assert logged == {
+        "tables/steps.parquet",
+        "tables/detail.parquet",
         "plots/acc_vs_unique_values.png",
+        "plots/reliability.png",
         "model/model.pwf.safetensors",
     }
+    assert "config.yaml" in {a.path for a in client.list_artifacts(run_id)}
     assert result["metrics"]["ws/unique_values"] <= 64
+
+    # Rerunning a finished experiment leaves its run exactly as it was.
+    before = client.get_run(run_id)
     again = pwf_experiment(config=config, artifacts_dir=str(tmp_path / "a"), progress=False)
-    assert again["run_id"] == result["run_id"] and again["metrics"] == result["metrics"]
-    assert len(client.get_metric_history(run.info.run_id, "final/cls/acc")) == 1  # not re-run
-    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    after = client.get_run(run_id)
+    assert again["already_complete"] and again["run_id"] == run_id
+    assert again["metrics"] == result["metrics"]
+    assert after.info.status == "FINISHED" and after.info.end_time == before.info.end_time
+    assert after.data.metrics == before.data.metrics and after.data.tags == before.data.tags
+    assert len(client.get_metric_history(run_id, "time/experiment_s")) == 1
+    assert len(runs_of("flow-e2e")) == 1
+
+
+def _named(tasks: dict, prefix: str) -> str:
+    (name,) = [n for n in tasks if n.startswith(f"{prefix}-")]
+    return name
+
+
+@pytest.mark.integration
+def test_fresh_run_starts_over_and_keeps_the_old_run(prefect_server, mlflow_store, tmp_path):
+    config = small_config(name="fresh", **{"compression.schedule": [0.5, 1.0]})
+    first = pwf_experiment(config=config, artifacts_dir=str(tmp_path / "a"), progress=False)
+    second = pwf_experiment(
+        config=config, artifacts_dir=str(tmp_path / "a"), progress=False, fresh=True
+    )
+    assert second["run_id"] != first["run_id"] and not second["already_complete"]
+    assert second["metrics"] == first["metrics"]  # same config, same seed, same numbers
+    statuses = {r.info.run_id: r.info.status for r in runs_of("fresh")}
+    assert statuses == {first["run_id"]: "FINISHED", second["run_id"]: "FINISHED"}
 
 
 @pytest.mark.integration
@@ -92,7 +159,7 @@ def test_second_experiment_reuses_pretraining(prefect_server, mlflow_store, tmp_
         load_config(overrides=first), artifacts
     ).pretrained_model
     stamp = pretrained.stat().st_mtime_ns
-    second = small_config(name="cache-b", **{"fixing.reg": 0.001})
+    second = small_config(name="cache-b", **{"compression.reg": 0.001})
     pwf_experiment(config=second, artifacts_dir=artifacts, progress=False)
     assert pretrained.stat().st_mtime_ns == stamp
     (run_a,), (run_b,) = runs_of("cache-a"), runs_of("cache-b")
@@ -102,24 +169,12 @@ def test_second_experiment_reuses_pretraining(prefect_server, mlflow_store, tmp_
 
 
 @pytest.mark.integration
-def test_bad_config_fails_before_any_run(prefect_server, mlflow_store, tmp_path, capsys):
+def test_bad_config_fails_before_any_run(prefect_server, mlflow_store, tmp_path):
     bad = small_config(name="bad-config")
-    bad["fixing"]["schedule"] = [0.5, 0.3, 1.0]
+    bad["compression"]["schedule"] = [0.5, 0.3, 1.0]
     with pytest.raises(ConfigError, match="strictly increasing"):
         pwf_experiment(config=bad, artifacts_dir=str(tmp_path / "a"), progress=False)
-    assert runs_of("bad-config") == []
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({"name": "bad-cli", "model": {"name": "resnet_nope"}}))
-    assert pwf_main(["run", str(path), "--artifacts", str(tmp_path / "a")]) == 2
-    assert "model.name: unknown model 'resnet_nope'" in capsys.readouterr().err
-    assert pwf_main(["run", str(path.with_name("missing.yaml"))]) == 2
-    missing = tmp_path / "missing_data.yaml"
-    missing.write_text(
-        yaml.safe_dump({"name": "bad-cli", "data": {"name": "mnist", "path": "/no/mnist"}})
-    )
-    assert pwf_main(["run", str(missing)]) == 2
-    assert "data.path: dataset path '/no/mnist' does not exist" in capsys.readouterr().err
-    assert runs_of("bad-cli") == [] and not (tmp_path / "a").exists()
+    assert runs_of("bad-config") == [] and not (tmp_path / "a").exists()
 
 
 @pytest.mark.integration
@@ -134,11 +189,32 @@ def test_crashed_run_is_marked_failed(prefect_server, mlflow_store, tmp_path):
     assert run.data.params["model.weights"] == str(weights)  # what was logged stays
 
 
+@pytest.mark.integration
+def test_truncated_last_checkpoint_falls_back_to_the_one_before(
+    prefect_server, mlflow_store, tmp_path
+):
+    config = small_config(name="truncated")
+    first = pwf_experiment(config=config, artifacts_dir=str(tmp_path / "a"), progress=False)
+    files = ExperimentFiles.for_config(load_config(overrides=config), tmp_path / "a")
+    files.summary.unlink()
+    last = files.step(2)
+    last.write_bytes(last.read_bytes()[:-100])  # a disk that filled up mid-write
+    earlier = [files.step(i).stat().st_mtime_ns for i in range(2)]
+    again = pwf_experiment(config=config, artifacts_dir=str(tmp_path / "a"), progress=False)
+    assert again["run_id"] == first["run_id"] and again["metrics"] == first["metrics"]
+    assert last.with_name(last.name + ".corrupt").is_file()
+    assert [files.step(i).stat().st_mtime_ns for i in range(2)] == earlier
+    (run,) = runs_of("truncated")
+    assert run.info.status == "FINISHED"
+    steps = sorted(m.step for m in MlflowClient().get_metric_history(run.info.run_id, "cls/acc"))
+    assert steps == [1, 2, 3, 3]  # round 3 was run (and logged) again, rounds 1-2 were not
+
+
 def _pwf_command(config_path: Path, artifacts: Path) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "flows.cli",
+        "pwf_flows.cli",
         "run",
         str(config_path),
         "--artifacts",
@@ -149,10 +225,13 @@ def _pwf_command(config_path: Path, artifacts: Path) -> list[str]:
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_sigkill_mid_round_resumes_in_the_same_run(prefect_server, mlflow_store, tmp_path):
+@pytest.mark.timeout(900)
+def test_sigkill_mid_round_resumes_without_rerunning_finished_rounds(
+    prefect_server, mlflow_store, tmp_path
+):
     values = small_config(
         name="resume",
-        **{"fixing.schedule": [0.2, 0.4, 0.6, 0.8, 0.9, 1.0], "train.epochs": 2.0},
+        **{"compression.schedule": [0.2, 0.4, 0.6, 0.8, 0.9, 1.0], "train.epochs": 2.0},
     )
     config_path = tmp_path / "resume.yaml"
     config_path.write_text(yaml.safe_dump(values))
@@ -167,15 +246,17 @@ def test_sigkill_mid_round_resumes_in_the_same_run(prefect_server, mlflow_store,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    deadline = time.time() + 240
-    while not files.round(1).is_file():
+    deadline = time.time() + 300
+    while not files.step(1).is_file():
         assert process.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert time.time() < deadline, "round 2 never finished"
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not files.round(5).is_file() and not files.summary.is_file()
+    finished = files.finished_steps(6)
+    assert 2 <= finished < 6 and not files.summary.is_file()
     assert not list(files.root.glob(".*.tmp"))  # no half-written file left behind
+    stamps = {i: files.step(i).stat().st_mtime_ns for i in range(finished)}
     (killed_run,) = runs_of("resume")
     assert killed_run.info.status == "RUNNING"  # SIGKILL leaves no chance to close it
 
@@ -185,30 +266,24 @@ def test_sigkill_mid_round_resumes_in_the_same_run(prefect_server, mlflow_store,
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=400,
     )
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert "resuming" in rerun.stdout + rerun.stderr
+    output = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, output[-3000:]
+    assert f"at round {finished + 1}/6" in output
+    # The finished rounds were not run again: their checkpoints are the very same files, and no
+    # task ran them.
+    assert {i: files.step(i).stat().st_mtime_ns for i in range(finished)} == stamps
+    for number in range(1, finished + 1):
+        assert f"'round {number} of 6'" not in output
     (run,) = runs_of("resume")
     assert run.info.run_id == killed_run.info.run_id and run.info.status == "FINISHED"
-    assert int(run.data.tags["resumed_at_round"]) >= 2
+    assert run.data.tags["resumed_at"] == f"round {finished + 1}/6"
     history = MlflowClient().get_metric_history(run.info.run_id, "ws/unique_values")
-    assert sorted(m.step for m in history) == list(range(6))  # each round logged once
+    assert sorted(m.step for m in history) == list(range(1, 7))  # each round logged once
 
     uninterrupted = pwf_experiment(
         config=values, artifacts_dir=str(tmp_path / "clean"), progress=False
     )
-    resumed = MlflowClient().get_run(run.info.run_id).data.metrics
-    for key, value in uninterrupted["metrics"].items():
-        assert resumed[f"final/{key}"] == pytest.approx(value, abs=0, rel=1e-12), key
-
-
-def test_cli_help_names_the_default_config():
-    out = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "--help"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert "configs/default.yaml" in out
+    resumed = json.loads(files.summary.read_text())["metrics"]
+    assert resumed == uninterrupted["metrics"]  # bit for bit

@@ -8,6 +8,7 @@ from pwf_core.metrics import (
     classification_metrics,
     entropy_bits,
     expected_calibration_error,
+    reliability_bins,
     weight_sharing_metrics,
 )
 from tests._dummies.models import TinyMLP
@@ -27,6 +28,29 @@ def test_ece_shares_a_bin():
     labels = torch.tensor([0, 1])
     # One bin (0.6, 0.667]: accuracy 0.5, mean confidence 0.615.
     assert math.isclose(expected_calibration_error(probs, labels), 0.115, rel_tol=1e-5)
+
+
+def test_ece_uses_fifteen_bins():
+    # 0.62 and 0.68 share the bin (0.6, 0.7] of 10 bins but not of 15 ((0.6, 0.667] and
+    # (0.667, 0.733]): with 15 bins the gaps add, |1 - 0.62| + |0 - 0.68| over 2 = 0.53; with
+    # 10 they would cancel into |0.5 - 0.65| = 0.15.
+    probs = torch.tensor([[0.62, 0.38], [0.68, 0.32]])
+    labels = torch.tensor([0, 1])
+    assert math.isclose(expected_calibration_error(probs, labels), 0.53, rel_tol=1e-5)
+    # 0.69 and 0.71 share (0.667, 0.733] of 15 bins but straddle 0.7, a 10-bin edge: one bin
+    # with accuracy 0.5 and confidence 0.70 (10 bins would give 0.51).
+    probs = torch.tensor([[0.69, 0.31], [0.71, 0.29]])
+    assert math.isclose(expected_calibration_error(probs, labels), 0.2, rel_tol=1e-5)
+
+
+def test_reliability_bins_by_hand():
+    probs = torch.tensor([[0.62, 0.38], [0.68, 0.32], [0.1, 0.9]])
+    labels = torch.tensor([0, 1, 1])
+    bins = reliability_bins(probs, labels)
+    assert len(bins["count"]) == 15 and sum(bins["count"]) == 3
+    assert bins["count"][9] == 1 and bins["count"][10] == 1 and bins["count"][13] == 1
+    assert bins["accuracy"][9] == 1.0 and bins["accuracy"][10] == 0.0
+    assert math.isclose(bins["confidence"][13], 0.9, rel_tol=1e-6)
 
 
 def test_classification_metrics_by_hand():
@@ -56,6 +80,7 @@ def test_weight_sharing_metrics_whole_network():
     params[0].fixed_mask.fill_(True)
     metrics = weight_sharing_metrics(model)
     assert metrics["ws/unique_values"] == 2
+    assert metrics["ws/unique_fixed_values"] == 1  # only the first tensor is fixed, all zeros
     total = sum(p.mu.numel() for p in params)
     assert metrics["ws/params_converted"] == total
     assert metrics["ws/params_other"] == 16  # the LayerNorm's weight and bias

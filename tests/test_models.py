@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pwf_core.checkpoint import CheckpointError, save_tensors
+from pwf_core._files import CheckpointError, save_tensors
 from pwf_core.models import build_model, is_known_model, load_weights
 
 CASES = [

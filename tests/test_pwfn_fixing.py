@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from pwf_core.codebook import pow2_codebook
 from pwf_core.methods import FlatWeights, fixed_target
-from pwf_core.methods.pwfn import _Relaxation, pwfn_fix_round
-from pwf_core.variance import prior_sigma
+from pwf_core.methods.pwfn.codebook import pow2_codebook
+from pwf_core.methods.pwfn.fixing import _check_progress, _Relaxation, pwfn_fix_round
+from pwf_core.methods.pwfn.variance import prior_sigma
 from tests.test_codebook import plain_codebook
 
 SCHEDULE = (0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 0.975, 0.99, 1.0)
@@ -176,3 +176,54 @@ def test_round_invariants_on_conv_like_weights():
 def test_nan_weights_are_refused():
     with pytest.raises(ValueError, match="NaN"):
         pwfn_fix_round(flat([0.1, float("nan")], [0.01, 0.01]), 2)
+
+
+@pytest.mark.parametrize("kind", ["negative", "zero", "tiny", "mixed"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_degenerate_sigmas_terminate_and_match_brute_force(kind, seed):
+    generator = torch.Generator().manual_seed(seed)
+    n, b, max_order = 120, 5, 3
+    mu = torch.randn(n, generator=generator) * 0.08
+    sigma = prior_sigma(mu)
+    broken = torch.rand(n, generator=generator) < 0.3
+    values = {
+        "negative": torch.full((n,), -0.01),
+        "zero": torch.zeros(n),
+        "tiny": torch.full((n,), 1e-12),
+        "mixed": torch.tensor([-1.0, 0.0, 1e-30])[torch.arange(n) % 3],
+    }[kind]
+    sigma = torch.where(broken, values, sigma)
+    weights = FlatWeights(mu.clone(), sigma.clone(), torch.zeros(n, dtype=torch.bool))
+    for fraction in (0.5, 1.0):
+        before = weights.fixed.clone()
+        target = fixed_target(fraction, n)
+        expected = brute_force_round(
+            weights.mu.clone(), weights.sigma, before, target, 1.0, 2.0, b, max_order, True
+        )
+        pwfn_fix_round(weights, target, 1.0, 2.0, b, max_order, True)
+        newly = (weights.fixed & ~before).nonzero().squeeze(1).tolist()
+        assert {i: float(weights.mu[i]) for i in newly} == expected
+    assert weights.fixed.all()
+
+
+def test_distance_sigma_is_floored_at_two_to_minus_twenty():
+    # 5e-7 from a centre with sigma 1e-9 (or 0): floored at 2^-20 ~ 9.5e-7 the distance is
+    # ~0.52, within t = 1 at the first level; unfloored it would be 500 (or infinite).
+    weights = flat([0.25 + 5e-7, -0.5 - 5e-7], [1e-9, 0.0])
+    summary = pwfn_fix_round(weights, 2, threshold=1.0, b=3, zero_fix=False)
+    assert summary[["centre", "order", "threshold"]].values.tolist() == [
+        [-0.5, 1, 1.0],
+        [0.25, 1, 1.0],
+    ]
+
+
+def test_a_level_that_cannot_progress_fails_instead_of_looping():
+    walk = _Relaxation(1.0, 2.0, max_order=2)
+    walk.order = 2
+    with pytest.raises(RuntimeError, match="floored"):
+        _check_progress(walk, 3, torch.tensor([0.1]), torch.tensor([0.0]))
+    walk.threshold = 1e6  # every weight reaches every centre, yet nothing was fixed
+    with pytest.raises(RuntimeError, match="made no progress"):
+        _check_progress(walk, 3, torch.tensor([0.1, -0.3]), torch.tensor([0.01, 0.02]))
+    walk.threshold = 1.0  # a level that could not reach anything: relaxing is right
+    _check_progress(walk, 3, torch.tensor([0.1, -0.3]), torch.tensor([0.01, 0.02]))

@@ -164,8 +164,8 @@ def test_readme_server_commands_run_a_sweep_on_workers(tmp_path):
             "execution.max_parallel": 2,  # both submitted at once; the worker queues one
             "overrides": {"pretrain.epochs": 3, "train.epochs": 0.25, "eval.mc_samples": 0},
             "space": {
-                "fixing.b": {"int": [4, 6]},
-                "fixing.schedule": {"choices": {"two": [0.5, 1.0], "three": [0.4, 0.8, 1.0]}},
+                "compression.b": {"int": [4, 6]},
+                "compression.schedule": {"choices": {"two": [0.5, 1.0], "three": [0.4, 0.8, 1.0]}},
             },
         }
         readme_run = (

@@ -1,4 +1,4 @@
-"""The pwf sweep flow, in-process: a real Optuna sqlite study, real Prefect, real MLflow."""
+"""The pwf sweep flow: real Optuna storage, real Prefect, real MLflow."""
 
 from __future__ import annotations
 
@@ -16,19 +16,20 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from flows.cli import main as pwf_main
-from flows.sweep import pwf
-from tests.conftest import DEFAULT_CONFIG
+from pwf_flows.cli import main as pwf_main
+from pwf_flows.sweep import importances, objective_values, pwf, sampler_for, tell
+from pwf_flows.sweep_spec import load_sweep
+from tests.conftest import DEFAULT_CONFIG, ROOT
 
 TINY = {
     "pretrain.epochs": 3,
     "train.epochs": 0.25,
-    "fixing.schedule": [0.5, 1.0],
+    "compression.schedule": [0.5, 1.0],
     "eval.mc_samples": 0,
 }
 
 
-def tiny_sweep(tmp_path: Path, name: str, n_trials: int = 3) -> Path:
+def tiny_sweep(tmp_path: Path, name: str, n_trials: int = 3, **study) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(
         yaml.safe_dump(
@@ -37,10 +38,15 @@ def tiny_sweep(tmp_path: Path, name: str, n_trials: int = 3) -> Path:
                 "base": str(DEFAULT_CONFIG),
                 "overrides": TINY,
                 "space": {
-                    "fixing.reg": {"float": [1e-5, 1e-2], "log": True},
-                    "fixing.b": {"int": [4, 6]},
+                    "compression.reg": {"float": [1e-5, 1e-2], "log": True},
+                    "compression.b": {"int": [4, 6]},
                 },
-                "study": {"n_trials": n_trials, "storage": f"sqlite:///{tmp_path / 'optuna.db'}"},
+                "study": {
+                    "n_trials": n_trials,
+                    "storage": f"sqlite:///{tmp_path / 'optuna.db'}",
+                    "heartbeat_s": 1,
+                    **study,
+                },
                 "execution": {"artifacts_dir": str(tmp_path / "artifacts")},
             }
         )
@@ -52,31 +58,108 @@ def study_of(tmp_path: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
 
 
+def children_of(experiment: str, parent_run_id: str) -> list:
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs(
+        [found.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    )
+
+
+def complete(study: optuna.Study) -> list:
+    return study.get_trials(states=(TrialState.COMPLETE,))
+
+
+def dominated(row: pd.Series, table: pd.DataFrame) -> bool:
+    better = (table["accuracy"] >= row["accuracy"]) & (
+        table["unique_values"] <= row["unique_values"]
+    )
+    strictly = (table["accuracy"] > row["accuracy"]) | (
+        table["unique_values"] < row["unique_values"]
+    )
+    return bool((better & strictly).any())
+
+
+def test_tell_reports_objectives_in_the_studys_order(tmp_path):
+    metrics = {"cls/acc": 0.9, "ws/unique_values": 30.0, "cls/nll": 0.3}
+    for objectives in (["accuracy", "unique_values"], ["unique_values", "accuracy", "nll"]):
+        spec = load_sweep(tiny_sweep(tmp_path, "order"), {"study.objectives": objectives})
+        study = optuna.create_study(directions=spec.study.directions)
+        trial = study.ask()
+        tell(study, spec, trial.number, {"metrics": metrics, "mlflow_run_id": "abc"})
+        (frozen,) = study.trials
+        expected = {"accuracy": 0.9, "unique_values": 30.0, "nll": 0.3}
+        assert frozen.values == [expected[name] for name in objectives]
+        assert frozen.values == objective_values(spec, metrics)
+        assert frozen.user_attrs["mlflow_run_id"] == "abc"
+        assert dict(zip(objectives, spec.study.directions, strict=True))["accuracy"] == "maximize"
+
+
+def test_a_continued_sweep_gets_a_new_sampler_seed(tmp_path):
+    spec = load_sweep(tiny_sweep(tmp_path, "seeds"), {"study.sampler": "random"})
+    draws = []
+    for trials_so_far in (0, 0, 2):
+        study = optuna.create_study(sampler=sampler_for(spec, trials_so_far))
+        draws.append(study.ask().suggest_float("x", 0, 1))
+    assert draws[0] == draws[1] != draws[2]
+
+
+def test_importances_answer_for_the_direction_of_each_objective(tmp_path):
+    """Accuracy is high only when a > 0.8, low only when b < 0.2: what drives *high* accuracy
+    is a, although b decides the low end."""
+    spec = load_sweep(tiny_sweep(tmp_path, "imp"), {"study.objectives": ["accuracy"]})
+    study = optuna.create_study(directions=["maximize"], sampler=optuna.samplers.RandomSampler(0))
+    for _ in range(80):
+        trial = study.ask()
+        a, b = trial.suggest_float("a", 0, 1), trial.suggest_float("b", 0, 1)
+        study.tell(trial, 0.5 + 0.4 * (a > 0.8) - 0.4 * (b < 0.2))
+    found = importances(study, spec)["accuracy"]
+    assert found["a"] > found["b"]
+    few = optuna.create_study(directions=["maximize"])
+    few.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=1.0))
+    assert importances(few, spec) == {}  # too few trials: skipped, not a plot of noise
+
+
 @pytest.mark.integration
 def test_three_trial_sweep(prefect_server, mlflow_store, tmp_path, capsys):
     path = tiny_sweep(tmp_path, "tiny")
     result = pwf(sweep=str(path))
     study = study_of(tmp_path, "tiny")
-    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
-    assert result["complete_trials"] == 3 and result["pareto"]
+    trials = complete(study)
+    assert len(trials) == 3 and result["complete_trials"] == 3
+    assert study.metric_names == ["top-1", "unique values"]
     client = MlflowClient()
-    experiment = client.get_experiment_by_name("tiny")
     parent = client.get_run(result["mlflow_run_id"])
-    children = client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
-    )
-    assert len(children) == 3 and parent.info.status == "FINISHED"
-    assert {c.data.tags["sweep.trial"] for c in children} == {"0", "1", "2"}
-    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "tables")}
-    assert logged == {"tables/trials.parquet"}
-    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert "plots/pareto_front.png" in plots
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "sweep-tiny"
+    children = {c.info.run_id: c for c in children_of("tiny", parent.info.run_id)}
+    assert len(children) == 3
+    for trial in trials:
+        child = children[trial.user_attrs["mlflow_run_id"]]  # Optuna -> MLflow
+        assert child.data.tags["sweep.trial"] == str(trial.number)
+        assert child.info.run_name.startswith(f"trial-{trial.number} ")
+        assert f"b={trial.params['compression.b']}" in child.info.run_name
+        assert f"reg={trial.params['compression.reg']:.3g}" in child.info.run_name
+        final = child.data.metrics
+        assert trial.values == [final["final/cls/acc"], final["final/ws/unique_values"]]
     table = pd.read_parquet(tmp_path / "artifacts" / "sweeps" / "tiny" / "trials.parquet")
-    assert len(table) == 3 and table["pareto"].any()
-    assert {"param.fixing.reg", "param.fixing.b", "accuracy", "unique_values"} <= set(table)
+    assert len(table) == 3
+    assert {"param.compression.reg", "param.compression.b", "mlflow_run_id"} <= set(table)
+    for _, row in table.iterrows():
+        assert row["pareto"] == (not dominated(row, table))
+    metrics = parent.data.metrics
+    assert metrics["sweep/best_accuracy"] == table["accuracy"].max()
+    assert metrics["sweep/pareto_size"] == table["pareto"].sum()
+    close = table[table["accuracy"] >= metrics["sweep/reference_accuracy"] - 0.01]
+    if close.empty:
+        assert "sweep/min_unique_values_within_1pt" not in metrics or pd.isna(
+            metrics["sweep/min_unique_values_within_1pt"]
+        )
+    else:
+        assert metrics["sweep/min_unique_values_within_1pt"] == close["unique_values"].min()
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert plots == {"plots/pareto_front.png"}  # 3 trials: importances are skipped
     # The trials share one pretraining.
-    cached = sorted(c.data.tags["pretrain.cached"] for c in children)
+    cached = sorted(c.data.tags["pretrain.cached"] for c in children.values())
     assert cached == ["False", "True", "True"]
     assert pwf_main(["sweep", str(path), "--report"]) == 0
     out = capsys.readouterr().out
@@ -84,45 +167,114 @@ def test_three_trial_sweep(prefect_server, mlflow_store, tmp_path, capsys):
 
 
 @pytest.mark.integration
+def test_a_continued_sweep_explores_new_configurations(prefect_server, mlflow_store, tmp_path):
+    path = tiny_sweep(tmp_path, "continued", n_trials=2)
+    pwf(sweep=str(path))
+    pwf(sweep=str(path), overrides={"study.n_trials": 4})
+    study = study_of(tmp_path, "continued")
+    configurations = [tuple(sorted(t.params.items())) for t in complete(study)]
+    assert len(configurations) == 4 and len(set(configurations)) == 4
+    table = pd.read_parquet(tmp_path / "artifacts" / "sweeps" / "continued" / "trials.parquet")
+    assert sorted(table["trial"]) == sorted(t.number for t in complete(study))
+
+
+def _sweep_command(path: Path) -> list[str]:
+    return [sys.executable, "-m", "pwf_flows.cli", "sweep", str(path), "--no-progress"]
+
+
+@pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_interrupted_sweep_resumes_to_n_complete_trials(prefect_server, mlflow_store, tmp_path):
     path = tiny_sweep(tmp_path, "resumed", n_trials=3)
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
-    command = [sys.executable, "-m", "flows.cli", "sweep", str(path)]
     with (tmp_path / "first.log").open("w") as log:
         process = subprocess.Popen(
-            command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT
+            _sweep_command(path), cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT
         )
-        deadline = time.time() + 240
+        deadline = time.time() + 300
         storage = f"sqlite:///{tmp_path / 'optuna.db'}"
         while True:
             assert process.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.time() < deadline, "no trial completed"
             try:
                 study = optuna.load_study(study_name="resumed", storage=storage)
-                complete = study.get_trials(states=(TrialState.COMPLETE,))
-                if complete and study.get_trials(states=(TrialState.RUNNING,)):
-                    break  # one trial done, the next one in flight
+                running = study.get_trials(states=(TrialState.RUNNING,))
+                # Kill once a trial is done and the next one has its parameters.
+                if complete(study) and running and len(running[0].params) == 2:
+                    break
             except KeyError:
                 pass
             time.sleep(0.2)
         process.send_signal(signal.SIGKILL)
         process.wait()
     study = study_of(tmp_path, "resumed")
-    assert len(study.get_trials(states=(TrialState.COMPLETE,))) < 3
+    assert len(complete(study)) < 3
     (interrupted,) = study.get_trials(states=(TrialState.RUNNING,))
     rerun = subprocess.run(
-        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        _sweep_command(path), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400
     )
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     study = study_of(tmp_path, "resumed")
-    complete = study.get_trials(states=(TrialState.COMPLETE,))
-    assert len(complete) == 3
+    assert len(complete(study)) == 3
     assert not study.get_trials(states=(TrialState.RUNNING,))
     (failed,) = study.get_trials(states=(TrialState.FAIL,))
     assert failed.number == interrupted.number
-    assert interrupted.params in [t.params for t in complete]  # retried with the same values
+    assert interrupted.params in [t.params for t in complete(study)]  # retried, same values
     client = MlflowClient()
     experiment = client.get_experiment_by_name("resumed")
     parents = client.search_runs([experiment.experiment_id], filter_string="tags.kind = 'sweep'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = children_of("resumed", parents[0].info.run_id)
+    assert len({c.data.tags["sweep.trial"] for c in children}) == len(children)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_sweeps_on_one_sqlite_study(prefect_server, tmp_path):
+    """Started together on a fresh folder: no crash, exactly n complete and distinct trials."""
+    path = tiny_sweep(tmp_path, "together", n_trials=4)
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_server,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}",
+    }
+    processes = [
+        subprocess.Popen(
+            _sweep_command(path),
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=800)[0] for p in processes]
+    for process, output in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, output[-4000:]
+        assert "UpdateFinishedTrialError" not in output
+    study = study_of(tmp_path, "together")
+    done = complete(study)
+    assert len(done) == 4 and len({tuple(sorted(t.params.items())) for t in done}) == 4
+    assert not study.get_trials(states=(TrialState.FAIL, TrialState.RUNNING))
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("together")
+    parents = client.search_runs([experiment.experiment_id], filter_string="tags.kind = 'sweep'")
+    assert len(parents) == 1
+    children = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'",
+    )
+    assert sorted(c.info.run_id for c in children) == sorted(
+        t.user_attrs["mlflow_run_id"] for t in done
+    )
+    assert all(c.info.status == "FINISHED" for c in children)
+
+
+def test_plots_name_the_method_a_sweep_tunes():
+    from pwf_flows.sweep import _method_label
+
+    assert _method_label(load_sweep(ROOT / "sweeps" / "full-sweep.yaml")) == "pwfn"
+    assert _method_label(load_sweep(ROOT / "sweeps" / "methods.yaml")) == "several methods"

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.sweep_spec import load_sweep
 from pwf_core.config import ConfigError
+from pwf_flows.sweep_spec import dump_spec, load_sweep, masked_url
 from tests.conftest import DEFAULT_CONFIG, ROOT
 
 SHIPPED = sorted((ROOT / "sweeps").rglob("*.yaml"))
@@ -24,7 +24,7 @@ def write_sweep(tmp_path: Path, **fields) -> Path:
     values = {
         "name": "t",
         "base": str(DEFAULT_CONFIG),
-        "space": {"fixing.reg": {"float": [1e-5, 1e-2], "log": True}},
+        "space": {"compression.reg": {"float": [1e-5, 1e-2], "log": True}},
         "study": {"n_trials": 3, "storage": f"sqlite:///{tmp_path / 'optuna.db'}"},
     }
     for key, value in fields.items():
@@ -35,14 +35,20 @@ def write_sweep(tmp_path: Path, **fields) -> Path:
 
 
 BAD = [
-    ({"space": {"fixing.nope": {"choices": [1, 2]}}}, "space.fixing.nope = 1: fixing.nope: Extra"),
+    (
+        {"space": {"compression.nope": {"choices": [1, 2]}}},
+        "space.compression.nope = 1: compression.nope: Extra",
+    ),
     ({"space": {"trian.epochs": {"int": [1, 3]}}}, "space.trian.epochs = 1: trian: Extra"),
-    ({"space": {"fixing.b": {"int": [0, 5]}}}, "space.fixing.b = 0: fixing.b: Input should be"),
-    ({"space": {"fixing.reg": {"float": [0.01, 0.01]}}}, "space.fixing.reg: empty range"),
-    ({"space": {"fixing.reg": {"float": [0.0, 0.1], "log": True}}}, "log range needs low > 0"),
-    ({"space": {"fixing.b": {"choices": []}}}, "space.fixing.b: choices is empty"),
-    ({"space": {"fixing.b": {"choices": [[1], [2]]}}}, "are not scalars"),
-    ({"space": {"fixing.b": {"int": [4, 6], "choices": [4]}}}, "exactly one of"),
+    (
+        {"space": {"compression.b": {"int": [0, 5]}}},
+        "space.compression.b = 0: compression.b: must be an integer from 1 to 20",
+    ),
+    ({"space": {"compression.reg": {"float": [0.01, 0.01]}}}, "space.compression.reg: empty range"),
+    ({"space": {"compression.reg": {"float": [0.0, 0.1], "log": True}}}, "log range needs low > 0"),
+    ({"space": {"compression.b": {"choices": []}}}, "space.compression.b: choices is empty"),
+    ({"space": {"compression.b": {"choices": [[1], [2]]}}}, "are not scalars"),
+    ({"space": {"compression.b": {"int": [4, 6], "choices": [4]}}}, "exactly one of"),
     ({"space": {}}, "space: the search space is empty"),
     (
         {"study": {"n_trials": 3, "storage": "not a url"}},
@@ -66,23 +72,55 @@ def test_bad_sweeps_fail_with_the_field_named(tmp_path, fields, message):
 
 def test_space_maps_onto_config_fields(tmp_path):
     space = {
-        "fixing.reg": {"float": [1e-5, 1e-2], "log": True},
-        "fixing.b": {"int": [4, 7]},
-        "fixing.schedule": {"choices": {"short": [0.5, 1.0], "paper": [0.2, 1.0]}},
+        "compression.reg": {"float": [1e-5, 1e-2], "log": True},
+        "compression.b": {"int": [4, 7]},
+        "compression.schedule": {"choices": {"short": [0.5, 1.0], "paper": [0.2, 1.0]}},
     }
     spec = load_sweep(write_sweep(tmp_path, space=space, overrides={"train.epochs": 1}))
-    config = spec.trial_config({"fixing.reg": 0.001, "fixing.b": 5, "fixing.schedule": "short"})
-    assert config.fixing.reg == 0.001 and config.fixing.b == 5
-    assert config.fixing.schedule == (0.5, 1.0)
+    config = spec.trial_config(
+        {"compression.reg": 0.001, "compression.b": 5, "compression.schedule": "short"}
+    )
+    assert config.compression.reg == 0.001 and config.compression.b == 5
+    assert config.compression.schedule == (0.5, 1.0)
     assert config.train.epochs == 1 and config.name == "t"  # overrides and the sweep's name
 
 
-def test_methods_sweep_swaps_whole_fixing_sections():
+def test_methods_sweep_swaps_whole_method_sections():
     spec = load_sweep(ROOT / "sweeps" / "methods.yaml")
     methods = {
-        label: spec.trial_config({"fixing": label}).fixing.method for label in spec.grid()["fixing"]
+        label: spec.trial_config({"compression": label}).compression
+        for label in spec.grid()["compression"]
     }
-    assert methods == {"pwfn": "pwfn", "wfn": "wfn", "kmeans": "kmeans", "uniform": "uniform"}
+    assert {label: m.method for label, m in methods.items()} == {
+        "pwfn": "pwfn",
+        "wfn": "wfn",
+        "kmeans": "kmeans",
+        "uniform": "uniform",
+    }
+    assert methods["wfn"].schedule[0] == 0.3  # WFN's own schedule, not the base's PWFN one
+
+
+def test_dotted_overrides_merge_into_the_sweeps_own_overrides(tmp_path):
+    path = write_sweep(tmp_path, overrides={"pretrain": {"lr": 0.2, "epochs": 9}})
+    spec = load_sweep(path, {"overrides.pretrain.epochs": 1})
+    config = spec.trial_config({"compression.reg": 0.001})
+    assert config.pretrain.epochs == 1 and config.pretrain.lr == 0.2
+
+
+def test_credentials_are_masked_wherever_shown(tmp_path, monkeypatch):
+    monkeypatch.setenv("PWF_TEST_PASSWORD", "hunter2")
+    study = {"n_trials": 2, "storage": "postgresql://pwf:${PWF_TEST_PASSWORD}@db:5432/optuna"}
+    spec = load_sweep(write_sweep(tmp_path, study=study))
+    assert spec.study.resolved_storage() == "postgresql://pwf:hunter2@db:5432/optuna"
+    literal = load_sweep(
+        write_sweep(tmp_path, study={"n_trials": 2, "storage": "postgresql://u:s3cret@db/o"})
+    )
+    for shown in (dump_spec(spec), dump_spec(literal), masked_url(literal.study.storage)):
+        assert "hunter2" not in shown and "s3cret" not in shown
+    assert masked_url(literal.study.storage) == "postgresql://u:***@db/o"
+    with pytest.raises(ConfigError) as err:
+        load_sweep(write_sweep(tmp_path, study={"n_trials": 2, "storage": "redis://u:s3cret@x"}))
+    assert "s3cret" not in str(err.value) and "***" in str(err.value)
 
 
 def test_overrides_and_auto_sampler(tmp_path):

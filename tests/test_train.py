@@ -6,7 +6,7 @@ import torch
 from pwf_core.bayes import bayesian_params, fixed_masks, set_sigma_regulariser, to_bayesian
 from pwf_core.config import OptimConfig
 from pwf_core.data import TensorLoader
-from pwf_core.train import train
+from pwf_core.train import MaskedParams, train
 from tests._dummies.models import TinyMLP
 
 
@@ -74,3 +74,58 @@ def test_fraction_of_an_epoch():
     result = train(model, _loader(), OptimConfig(), epochs=0.25, progress=False)
     assert result.steps == 2  # ceil(0.25 * 8 batches)
     assert train(model, _loader(), OptimConfig(), epochs=0, progress=False).steps == 0
+
+
+def test_restore_clears_optimiser_state_of_fixed_entries_only():
+    param = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    mask = torch.tensor([True, False, True, False])
+    masked = MaskedParams({param: mask})
+    optimizer = torch.optim.SGD([param], lr=0.1, momentum=0.9)
+    optimizer.state[param] = {
+        "momentum_buffer": torch.tensor([5.0, 6.0, 7.0, 8.0]),
+        "step": torch.tensor(9.0),
+    }
+    with torch.no_grad():
+        param.add_(10.0)  # what an optimiser step did to every entry
+    masked.restore(optimizer)
+    assert param.tolist() == [1.0, 12.0, 3.0, 14.0]  # fixed entries back, free ones kept
+    assert optimizer.state[param]["momentum_buffer"].tolist() == [0.0, 6.0, 0.0, 8.0]
+    assert optimizer.state[param]["step"] == 9.0  # scalar state is not a per-entry buffer
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_free_entries_train_exactly_as_without_masks(optimizer):
+    """Masking must not disturb the free entries: their path equals a plain optimiser's whose
+    fixed values are simply put back after every step (elementwise updates are separable)."""
+    torch.manual_seed(0)
+    model = TinyMLP()
+    for param in model.parameters():
+        param.requires_grad_(True)
+    masks = {p: torch.rand_like(p) < 0.5 for p in model.parameters()}
+    reference = copy.deepcopy(model)
+    optim = OptimConfig(
+        optimizer=optimizer, lr=0.05, momentum=0.9, weight_decay=0.1, grad_clip=None
+    )
+    train(model, _loader(), optim, epochs=2, fixed_masks=masks, progress=False)
+
+    from pwf_core.train import build_optimizer
+
+    ref_masks = dict(zip(reference.parameters(), masks.values(), strict=True))
+    saved = {p: p.detach().clone() for p in reference.parameters()}
+    ref_optimizer = build_optimizer(reference, optim)
+    loader = _loader()
+    reference.train()
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        for x, y in loader:
+            loss = torch.nn.functional.cross_entropy(reference(x), y)
+            ref_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for p, m in ref_masks.items():
+                p.grad.masked_fill_(m, 0.0)
+            ref_optimizer.step()
+            with torch.no_grad():
+                for p, m in ref_masks.items():
+                    p[m] = saved[p][m]
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p.detach(), q.detach()), name

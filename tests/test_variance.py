@@ -3,7 +3,7 @@ import math
 import torch
 
 from pwf_core.bayes import bayesian_params, to_bayesian
-from pwf_core.variance import (
+from pwf_core.methods.pwfn.variance import (
     PRIOR_SCALE,
     init_sigma_,
     pow2_relative_distance,
@@ -54,3 +54,25 @@ def test_init_sigma_covers_weights_and_biases():
         assert torch.equal(param.sigma.data, prior_sigma(param.mu))
     init_sigma_(model, prior=False, constant=1e-4)
     assert all(torch.all(p.sigma == 1e-4) for p in bayesian_params(model))
+
+
+# Eight powers of two (r = 0), one weight just above 0.5 and two at 0.75 (r = 1/9). The
+# 0.75-quantile of the eleven r values sits halfway between the eighth zero and r(0.5 + 2^-8),
+# so that weight gets exactly 0.0025 * r / (r / 2) = 0.005, and the two at 0.75 get
+# 0.0025 * (1/9) / (r / 2) = 0.073, above the cap: exactly 0.05.
+PINNED_MU = [0.5] * 8 + [0.5 + 2**-8, 0.75, 0.75]
+PINNED_SIGMA = [2.0**-30] * 8 + [0.005, 0.05, 0.05]
+
+
+def test_prior_scale_and_cap_pinned_by_value():
+    sigma = prior_sigma(torch.tensor(PINNED_MU, dtype=torch.float64))
+    assert torch.allclose(sigma, torch.tensor(PINNED_SIGMA, dtype=torch.float64), rtol=1e-9)
+
+
+def test_init_sigma_applies_the_cap():
+    model = torch.nn.Linear(11, 1, bias=False)
+    model.weight.data = torch.tensor([PINNED_MU])
+    to_bayesian(model)
+    init_sigma_(model)
+    assert torch.allclose(model.weight_sigma.data, torch.tensor([PINNED_SIGMA]), rtol=1e-5)
+    assert model.weight_sigma.max() == 0.05

@@ -63,3 +63,30 @@ def write_image_folder(root: Path, classes: int = 2, per_class: int = 3, size: i
                 pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
     return root
+
+
+class RunsACommand:
+    """Pickles to a call of ``os.system``: what a crafted file would do when unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_crafted_cifar10(folder: Path, marker: Path) -> Path:
+    """A CIFAR-10 folder whose first batch runs a command if it is unpickled naively."""
+    write_cifar10(folder)
+    (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": RunsACommand(marker)}))
+    return folder
+
+
+def write_crafted_pt(path: Path, marker: Path) -> Path:
+    """A ``.pt`` weights file that runs a command when loaded without ``weights_only``."""
+    import torch
+
+    torch.save({"conv.weight": RunsACommand(marker)}, path)
+    return path
