@@ -76,7 +76,8 @@ class ModelConfig(_Section):
     """Which network to compress.
 
     Args:
-        name: ``small_cnn`` (pwf's own) or any timm architecture name.
+        name: One of pwf's models (``small_cnn``, ``mnist_cnn``, ``cifar_resnet18``) or any timm
+            architecture name.
         weights: Optional local file (safetensors or ``.pt``) with trained weights; when given,
             pretraining starts from it instead of from a random init.
         kwargs: Extra architecture arguments, e.g. ``{patch_size: 2}`` for a ViT on 8x8 inputs.
@@ -89,12 +90,13 @@ class ModelConfig(_Section):
     @field_validator("name")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        from pwf_core.models import is_known_model, similar_model_names
+        from pwf_core.models import is_known_model, pwf_model_names, similar_model_names
 
         if not is_known_model(name):
             hint = similar_model_names(name)
             suffix = f"; did you mean one of {hint}?" if hint else ""
-            raise ValueError(f"unknown model '{name}' (not small_cnn and not a timm model){suffix}")
+            own = ", ".join(pwf_model_names())
+            raise ValueError(f"unknown model '{name}' (not one of pwf's {own}, not timm's){suffix}")
         return name
 
     @field_validator("weights")

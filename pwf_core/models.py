@@ -122,6 +122,11 @@ def cifar_resnet18(
     return model
 
 
+def pwf_model_names() -> list[str]:
+    """The models pwf registers itself."""
+    return sorted(_MODELS)
+
+
 def is_known_model(name: str) -> bool:
     """Whether ``name`` is a pwf model or a timm architecture."""
     return name in _MODELS or timm.is_model(name)

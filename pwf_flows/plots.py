@@ -109,8 +109,9 @@ def reliability_diagram(bins: dict[str, list[float]], path: Path, title: str) ->
         bottom=[bins["accuracy"][i] for i in filled],
         width=width,
         align="edge",
-        color="C3",
-        alpha=0.3,
+        fill=False,
+        hatch="//",
+        edgecolor="C3",
         label="gap to confidence",
     )
     ax.plot([0, 1], [0, 1], ls="--", color="0.3", lw=1)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pwf_core._files import CheckpointError, save_tensors
-from pwf_core.models import build_model, is_known_model, load_weights
+from pwf_core.models import build_model, is_known_model, load_weights, pwf_model_names
 
 CASES = [
     ("small_cnn", 1, 8, {}),
@@ -18,6 +18,16 @@ CASES = [
 @pytest.mark.parametrize(("name", "chans", "size", "kwargs"), CASES)
 def test_build_model_runs_offline(name, chans, size, kwargs):
     model = build_model(name, num_classes=7, in_chans=chans, img_size=size, **kwargs)
+    assert model(torch.randn(2, chans, size, size)).shape == (2, 7)
+
+
+INPUTS = {"small_cnn": (1, 8), "mnist_cnn": (1, 28), "cifar_resnet18": (3, 32)}
+
+
+@pytest.mark.parametrize("name", pwf_model_names())
+def test_every_pwf_model_builds_and_runs(name):
+    chans, size = INPUTS[name]
+    model = build_model(name, num_classes=7, in_chans=chans, img_size=size).eval()
     assert model(torch.randn(2, chans, size, size)).shape == (2, 7)
 
 
