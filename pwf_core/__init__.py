@@ -1,4 +1,5 @@
-"""pwf_core: probabilistic weight fixing and stochastic weight sharing in plain torch.
+"""pwf_core: probabilistic weight fixing (PWFN) and stochastic weight sharing (2DGBNN) in plain
+torch.
 
 The public API::
 
@@ -14,13 +15,14 @@ Nothing here imports Prefect, MLflow or Optuna.
 """
 
 from pwf_core.api import Compression, compress
-from pwf_core.bayes import strip
+from pwf_core.bayes import sampling, strip
 from pwf_core.config import ExperimentConfig, TrainConfig, load_config
 from pwf_core.export import load_compressed, save_compressed
 from pwf_core.methods import (
     KMeansConfig,
     Method,
     PWFNConfig,
+    TwoDGBNNConfig,
     UniformConfig,
     WFNConfig,
 )
@@ -36,6 +38,7 @@ __all__ = [
     "MethodConfig",
     "PWFNConfig",
     "TrainConfig",
+    "TwoDGBNNConfig",
     "UniformConfig",
     "WFNConfig",
     "__version__",
@@ -44,6 +47,7 @@ __all__ = [
     "load_config",
     "method_names",
     "register_method",
+    "sampling",
     "save_compressed",
     "strip",
 ]

@@ -124,7 +124,7 @@ class Compression:
     def restore(self, path: str | Path) -> dict[str, Any]:
         """Load a checkpoint written by :meth:`save` (converting the model first if needed)."""
         if not any(is_bayesian(m) for m in self.model.modules()):
-            to_bayesian(self.model)
+            to_bayesian(self.model, attrs=self.method.converted)
         self.method.attach(self.model)
         return load_checkpoint(path, self.model, self.method)
 

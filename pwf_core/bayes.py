@@ -127,6 +127,8 @@ def _bayesian_class(cls: type) -> type:
 
 
 def _draw_samples(module: nn.Module, args: tuple) -> None:
+    if module.__dict__.get("_pwf_external"):
+        return  # a model-level sampler (2DGBNN's shared Gaussians) provided the weights
     samples = module.__dict__["_pwf_samples"]
     samples.clear()
     forced = module.__dict__["_pwf_sampling"]
@@ -209,8 +211,10 @@ def is_bayesian(module: nn.Module) -> bool:
     return "_pwf_names" in module.__dict__
 
 
-def to_bayesian(model: nn.Module, sigma_init: float = 1e-4) -> ConversionReport:
-    """Convert every conv/linear weight and bias of ``model`` in place.
+def to_bayesian(
+    model: nn.Module, sigma_init: float = 1e-4, attrs: tuple[str, ...] = _SAMPLED
+) -> ConversionReport:
+    """Convert every conv/linear weight and bias (or just ``attrs``) of ``model`` in place.
 
     Covers subclasses too (timm's ``Conv2dSame``, ``StdConv2d``, a ViT's attention ``Linear``).
     Sigma starts at the constant ``sigma_init``; a method's initialisation replaces it (PWFN:
@@ -226,7 +230,7 @@ def to_bayesian(model: nn.Module, sigma_init: float = 1e-4) -> ConversionReport:
     for module in model.modules():
         if not isinstance(module, CONVERTIBLE) or is_bayesian(module):
             continue
-        names = tuple(n for n in _SAMPLED if module._parameters.get(n) is not None)
+        names = tuple(n for n in attrs if module._parameters.get(n) is not None)
         for name in names:
             mu = module._parameters[name]
             module.register_parameter(
@@ -313,17 +317,21 @@ def set_sigma_regulariser(model: nn.Module, reg: float, cap: float = SIGMA_CAP) 
             module.__dict__["_pwf_regulariser"] = (float(reg), float(cap))
 
 
+def _samplers(model: nn.Module) -> list[nn.Module]:
+    """Converted layers, and any model-level sampler a method installed."""
+    return [m for m in model.modules() if "_pwf_sampling" in m.__dict__]
+
+
 def set_sampling(model: nn.Module, enabled: bool | None) -> None:
     """Force sampling on or off in every converted layer; ``None`` follows train/eval mode."""
-    for module in model.modules():
-        if is_bayesian(module):
-            module.__dict__["_pwf_sampling"] = enabled
+    for module in _samplers(model):
+        module.__dict__["_pwf_sampling"] = enabled
 
 
 @contextmanager
 def sampling(model: nn.Module, enabled: bool) -> Iterator[nn.Module]:
     """Temporarily force sampling on (e.g. Monte-Carlo evaluation) or off."""
-    modules = [m for m in model.modules() if is_bayesian(m)]
+    modules = _samplers(model)
     previous = [m.__dict__["_pwf_sampling"] for m in modules]
     set_sampling(model, enabled)
     try:

@@ -142,10 +142,15 @@ class DataConfig(_Section):
 
 
 class OptimConfig(_Section):
-    """Optimiser settings shared by pretraining and the training between fixing rounds."""
+    """Optimiser settings shared by pretraining and the training between fixing rounds.
+
+    Args:
+        sigma_lr: Learning rate of the sigmas of converted weights (default: ``lr``).
+    """
 
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: PositiveFloat = 1e-3
+    sigma_lr: PositiveFloat | None = None
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: NonNegativeFloat = 1e-4
     grad_clip: PositiveFloat | None = 1.0

@@ -2,9 +2,12 @@
 
 The file is a safetensors file holding ``codebook`` (float32), ``index.<param>`` (the smallest
 integer dtype that fits the codebook) for every converted weight and bias, and ``param.<name>``
-for the remaining state (norms, running statistics, tokens). Its JSON header records the
-architecture when it is a registered or timm one (so :func:`load_compressed` can rebuild it),
-the class name otherwise (then the caller passes a fresh instance), and the experiment config.
+for the remaining state (norms, running statistics, tokens). A 2DGBNN model is stored as its
+shared Gaussians instead (:mod:`pwf_core.methods.gbnn2d.export`) and loads back as a
+stochastic module: sampling on (train mode or :func:`pwf_core.bayes.sampling`) draws from it.
+The JSON header records the architecture when it is a registered or timm one (so
+:func:`load_compressed` can rebuild it), the class name otherwise (then the caller passes a
+fresh instance), and the experiment config.
 Loading gives a plain ``nn.Module`` whose logits equal the fixed model's exactly.
 """
 
@@ -112,6 +115,8 @@ def save_compressed(
     params = bayesian_params(model)
     if not params:
         raise ValueError("the model has no converted weights: compress it first")
+    if model._modules.get("_pwf_sharing") is not None:
+        return _save_gaussians(model, path, spec, config)
     if not all(bool(p.fixed_mask.all()) for p in params):
         raise ValueError("every converted weight must be fixed before export (run every step)")
     values = converted_values(model).cpu()
@@ -145,6 +150,37 @@ def save_compressed(
     )
 
 
+def _save_gaussians(
+    model: nn.Module, path: str | Path, spec: ModelSpec | None, config: dict[str, Any] | None
+) -> ExportReport:
+    """2DGBNN's stochastic model: shared Gaussians, members, blends, outliers, the rest."""
+    from pwf_core.methods.gbnn2d.export import FORMAT, gaussian_tensors
+
+    params = bayesian_params(model)
+    converted = {p.name for p in params}
+    plain = plain_state(model)
+    others = {name: t for name, t in plain.items() if name not in converted}
+    tensors = gaussian_tensors(model) | {f"param.{name}": t for name, t in others.items()}
+    header = {
+        "format_version": FORMAT_VERSION,
+        "format": FORMAT,
+        "model": spec.to_dict() if spec is not None else None,
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "config": config or {},
+        "layout": [[p.name, list(p.mu.shape)] for p in params],
+    }
+    path = save_tensors(path, tensors, {_METADATA_KEY: json.dumps(header)})
+    stored = sum(t.numel() * t.element_size() for t in tensors.values())
+    return ExportReport(
+        path=path,
+        file_bytes=path.stat().st_size,
+        float32_bytes=sum(t.numel() * t.element_size() for t in plain.values()),
+        entropy_bound_bytes=stored,
+        unique_values=len(tensors["means"]) + len(tensors["outlier_mu"]),
+        index_bits=torch.iinfo(tensors["member"].dtype).bits,
+    )
+
+
 def read_header(path: str | Path) -> dict[str, Any]:
     """The JSON header of an exported model (architecture, config, codebook)."""
     metadata = read_metadata(path)
@@ -172,13 +208,17 @@ def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Modu
     """
     header = read_header(path)
     tensors = load_tensors(path)
-    codebook = tensors["codebook"]
     state = {
         name.removeprefix("param."): t for name, t in tensors.items() if name.startswith("param.")
     }
-    for name, index in tensors.items():
-        if name.startswith("index."):
-            state[name.removeprefix("index.")] = codebook[index.long()]
+    if header["format"] == "codebook":
+        codebook = tensors["codebook"]
+        for name, index in tensors.items():
+            if name.startswith("index."):
+                state[name.removeprefix("index.")] = codebook[index.long()]
+    else:  # shared Gaussians: weights are placeholders until the Gaussians are installed
+        for name, shape in header["layout"]:
+            state[name] = torch.zeros(shape)
     if model is None:
         if header.get("model") is None:
             raise CheckpointError(
@@ -192,4 +232,8 @@ def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Modu
         model.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(f"'{path}' does not fit the given model: {err}") from None
+    if header["format"] != "codebook":
+        from pwf_core.methods.gbnn2d.export import restore_sharing
+
+        restore_sharing(model, {k: v for k, v in tensors.items() if "." not in k}, header)
     return model.eval()

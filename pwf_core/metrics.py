@@ -76,12 +76,17 @@ def classification_metrics(log_probs: torch.Tensor, labels: torch.Tensor) -> dic
 
 @torch.no_grad()
 def predict_log_probs(
-    model: nn.Module, loader: Iterable, device: torch.device | str, mc_samples: int = 0
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device | str,
+    mc_samples: int = 0,
+    average: str = "probs",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities over ``loader`` in eval mode.
 
     With ``mc_samples > 0`` weight sampling is forced on and the predictive distribution is the
-    mean of the per-sample softmaxes (computed in log space).
+    mean of the per-sample softmaxes (``average="probs"``, in log space) or the softmax of the
+    mean logits (``average="logits"``, 2DGBNN's rule).
     """
     device = torch.device(device)
     model.eval()
@@ -89,7 +94,10 @@ def predict_log_probs(
     with sampling(model, enabled=mc_samples > 0):
         for images, labels in loader:
             images = images.to(device, non_blocking=True)
-            if mc_samples > 0:
+            if mc_samples > 0 and average == "logits":
+                logits = torch.stack([model(images).float() for _ in range(mc_samples)])
+                outputs.append(logits.mean(0).log_softmax(1))
+            elif mc_samples > 0:
                 draws = torch.stack(
                     [model(images).float().log_softmax(1) for _ in range(mc_samples)]
                 )
@@ -101,10 +109,14 @@ def predict_log_probs(
 
 
 def evaluate(
-    model: nn.Module, loader: Iterable, device: torch.device | str, mc_samples: int = 0
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device | str,
+    mc_samples: int = 0,
+    average: str = "probs",
 ) -> dict[str, float]:
     """Classification and calibration metrics of ``model`` on ``loader``."""
-    return classification_metrics(*predict_log_probs(model, loader, device, mc_samples))
+    return classification_metrics(*predict_log_probs(model, loader, device, mc_samples, average))
 
 
 def _entropy_bits_from_counts(counts: torch.Tensor) -> float:

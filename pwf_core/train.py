@@ -27,6 +27,9 @@ class TrainingHooks:
         """A term added to the cross-entropy (e.g. WFN's distance regulariser, a KL term)."""
         return None
 
+    def after_backward(self, model: nn.Module) -> None:
+        """Called after every backward pass, before clipping (e.g. to accumulate gradients)."""
+
     def after_step(self, model: nn.Module) -> None:
         """Called after every optimiser step (e.g. to keep sigmas positive)."""
 
@@ -87,12 +90,16 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimi
             "params": [p for p in trainable if id(p) not in sigma_ids],
             "weight_decay": config.weight_decay,
         },
-        {"params": [p for p in trainable if id(p) in sigma_ids], "weight_decay": 0.0},
+        {
+            "params": [p for p in trainable if id(p) in sigma_ids],
+            "weight_decay": 0.0,
+            "lr": config.sigma_lr or config.lr,
+        },
     ]
     groups = [g for g in groups if g["params"]]
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
-    return torch.optim.AdamW(groups, lr=config.lr)
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 @dataclass
@@ -186,6 +193,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             masked.zero_grads()
+            hooks.after_backward(model)
             if optim.grad_clip is not None:
                 nn.utils.clip_grad_norm_(params, optim.grad_clip)
             optimizer.step()

@@ -42,6 +42,7 @@ SIZE_KNOBS = {
     "wfn": "compression.delta and compression.b",
     "kmeans": "compression.clusters",
     "uniform": "compression.bits",
+    "2dgbnn": "compression.gaussians (K before merging) and compression.tau_d (merging)",
 }
 
 
@@ -159,9 +160,7 @@ def run_command(args: argparse.Namespace) -> int:
         verb = f"finished in {time.perf_counter() - started:.0f} s"
     knob = SIZE_KNOBS.get(config.compression.method)
     print(
-        f"\npwf run {verb}\n"
-        f"  top-1 {100 * metrics['cls/acc']:.2f} % with {int(metrics['ws/unique_values'])} unique "
-        f"values ({100 * metrics['ws/fixed_fraction']:.0f} % of weights fixed)\n"
+        f"\npwf run {verb}\n  {_result_line(metrics)}\n"
         + (f"  fewer or more values: turn {knob}\n" if knob else "")
         + f"  artifacts:  {result['artifacts']}\n"
         f"  MLflow run: {result['run_id']} in experiment '{result['experiment']}' "
@@ -170,6 +169,21 @@ def run_command(args: argparse.Namespace) -> int:
         f"  browse:     {_browse_hint(result['tracking_uri'])}"
     )
     return 0
+
+
+def _result_line(metrics: dict[str, float]) -> str:
+    accuracy = f"top-1 {100 * metrics['cls/acc']:.2f} %"
+    if "bnn/gaussians" in metrics:
+        return (
+            f"{accuracy}, NLL {metrics['cls/nll']:.4f}, ECE {metrics['cal/ece']:.4f} with "
+            f"{int(metrics['bnn/gaussians'])} shared Gaussians, {int(metrics['bnn/outliers'])} "
+            f"outliers; {int(metrics['size/trainable_params']):,} trainable parameters "
+            f"(mean-field BNN: {int(metrics['meanfield/size/trainable_params']):,})"
+        )
+    return (
+        f"{accuracy} with {int(metrics['ws/unique_values'])} unique values "
+        f"({100 * metrics['ws/fixed_fraction']:.0f} % of weights fixed)"
+    )
 
 
 def sweep_command(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from prefect.runtime import flow_run
 
 from pwf_core import Compression
 from pwf_core._files import atomic_path, is_complete_safetensors, write_text_atomic
-from pwf_core._seeding import derive_seed
+from pwf_core._seeding import derive_seed, seed_everything
 from pwf_core.checkpoint import load_checkpoint, read_checkpoint_header, save_checkpoint
 from pwf_core.config import (
     DataConfig,
@@ -37,17 +37,19 @@ from pwf_core.config import (
 from pwf_core.data import ImageDataset, load_dataset
 from pwf_core.export import save_compressed
 from pwf_core.methods.base import Step
+from pwf_core.methods.gbnn2d.sharing import mixture_snapshot, sharing_of
 from pwf_core.metrics import predict_log_probs, reliability_bins
 from pwf_core.pretrain import build_experiment_model, model_spec, pretrain
 from pwf_core.registry import create_method
 from pwf_flows.artifacts import ExperimentFiles, pretrain_key, run_key
-from pwf_flows.plots import accuracy_vs_unique_values, reliability_diagram
+from pwf_flows.plots import accuracy_vs_unique_values, gaussian_scatter, reliability_diagram
 from pwf_flows.results import finished_result
 from pwf_flows.tracking import RunTracker, standard_tags, tracked_run, tracking_uri
 
 TABLE_KEYS = (
     ("ws/fixed_fraction", "fixed", lambda v: f"{100 * v:.1f} %"),
     ("ws/unique_fixed_values", "unique values", lambda v: f"{int(v)}"),
+    ("bnn/gaussians", "Gaussians", lambda v: f"{int(v)}"),
     ("cls/acc", "top-1", lambda v: f"{100 * v:.2f} %"),
     ("cal/ece", "ECE", lambda v: f"{v:.4f}"),
 )
@@ -234,7 +236,11 @@ def evaluate_task(
         ]
     )
     detail = pd.DataFrame([{"round": h["number"], **row} for h in headers for row in h["table"]])
-    log_probs, labels = predict_log_probs(run.model, run.context.eval_loader, run.context.device)
+    samples, average = run.method.prediction()
+    seed_everything(derive_seed(cfg.seed, "final-eval"))
+    log_probs, labels = predict_log_probs(
+        run.model, run.context.eval_loader, run.context.device, samples, average
+    )
     bins = reliability_bins(log_probs.exp(), labels)
     outputs = {
         "steps": files.final / "steps.parquet",
@@ -251,6 +257,10 @@ def evaluate_task(
         accuracy_vs_unique_values(rounds, outputs["plot"], title, pretrained_acc)
     else:
         del outputs["plot"]
+    if sharing_of(run.model) is not None:
+        outputs["mixture"] = gaussian_scatter(
+            mixture_snapshot(run.model, seed=cfg.seed), files.final / "mixture.png", title
+        )
     reliability_diagram(
         bins, outputs["reliability"], f"{title}\nECE {metrics.get('cal/ece', float('nan')):.4f}"
     )
@@ -261,9 +271,11 @@ def evaluate_task(
     }
     write_text_atomic(files.summary, json.dumps(summary, indent=2))
     get_run_logger().info(
-        "final: top-1 %.2f %% (sampled %.2f %%), %d unique values, %s, %.1fx smaller than float32",
+        "final: top-1 %.2f %%, NLL %.4f, ECE %.4f, %d unique values, %s, %.1fx smaller than "
+        "float32",
         100 * metrics["cls/acc"],
-        100 * metrics.get("cls/acc_mc", metrics["cls/acc"]),
+        metrics["cls/nll"],
+        metrics["cal/ece"],
         metrics["ws/unique_values"],
         export.path.name,
         export.compression_ratio,
@@ -442,6 +454,7 @@ def pwf_experiment(
             ("detail", "tables"),
             ("plot", "plots"),
             ("reliability", "plots"),
+            ("mixture", "plots"),
             ("model", "model"),
         ):
             if key in outputs:

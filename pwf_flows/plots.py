@@ -89,6 +89,42 @@ def accuracy_vs_unique_values(
     return _save(fig, path)
 
 
+def gaussian_scatter(snapshot: dict, path: Path, title: str) -> Path:
+    """The (mu, sigma) points coloured by Gaussian, outliers in grey, and every Gaussian's 95 %
+    ellipse."""
+    import numpy as np
+    from matplotlib.collections import EllipseCollection
+
+    points = snapshot["points"].numpy()
+    labels = snapshot["labels"].numpy()
+    means = snapshot["means"].numpy()
+    covariances = snapshot["covariances"].numpy()
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    outliers = labels < 0
+    ax.scatter(*points[outliers].T, s=3, c="0.6", label="outliers", rasterized=True)
+    ax.scatter(*points[~outliers].T, s=2, c=labels[~outliers] % 20, cmap="tab20", rasterized=True)
+    values, vectors = np.linalg.eigh(covariances)
+    radius = np.sqrt(5.991 * np.clip(values, 0, None))  # 95 % of a 2-D Gaussian
+    angles = np.degrees(np.arctan2(vectors[:, 1, 1], vectors[:, 0, 1]))
+    ellipses = EllipseCollection(
+        2 * radius[:, 1],
+        2 * radius[:, 0],
+        angles,
+        units="xy",
+        offsets=means,
+        offset_transform=ax.transData,
+        facecolors="none",
+        edgecolors="k",
+        linewidths=0.4,
+    )
+    ax.add_collection(ellipses)
+    ax.set_xlabel("mu")
+    ax.set_ylabel("sigma")
+    ax.set_title(f"{title}\n{len(means)} Gaussians, 95 % ellipses", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right", markerscale=3)
+    return _save(fig, path)
+
+
 def reliability_diagram(bins: dict[str, list[float]], path: Path, title: str) -> Path:
     """Accuracy against confidence per bin (bars) with the diagonal of perfect calibration."""
     fig, ax = plt.subplots(figsize=(4.8, 4.8))
@@ -125,18 +161,24 @@ def reliability_diagram(bins: dict[str, list[float]], path: Path, title: str) ->
 
 
 def pareto_front(
-    trials: pd.DataFrame, path: Path, title: str, reference_acc: float | None = None
+    trials: pd.DataFrame,
+    path: Path,
+    title: str,
+    reference_acc: float | None = None,
+    cost: str = "unique_values",
+    cost_label: str = "unique values",
 ) -> Path:
-    """Accuracy against unique values for every trial (numbered), the Pareto front joined."""
+    """Accuracy against a cost (unique values, NLL, ...) for every trial (numbered), the Pareto
+    front joined."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     others = trials[~trials["pareto"]]
-    front = trials[trials["pareto"]].sort_values("unique_values")
-    ax.scatter(others["unique_values"], 100 * others["accuracy"], alpha=0.5, label="trials")
-    ax.plot(front["unique_values"], 100 * front["accuracy"], "o-", color="C3", label="Pareto front")
+    front = trials[trials["pareto"]].sort_values(cost)
+    ax.scatter(others[cost], 100 * others["accuracy"], alpha=0.5, label="trials")
+    ax.plot(front[cost], 100 * front["accuracy"], "o-", color="C3", label="Pareto front")
     for _, row in trials.iterrows():
         ax.annotate(
             f"#{int(row['trial'])}",
-            (row["unique_values"], 100 * row["accuracy"]),
+            (row[cost], 100 * row["accuracy"]),
             textcoords="offset points",
             xytext=(4, 4),
             fontsize=7,
@@ -147,7 +189,7 @@ def pareto_front(
         shown.append(100 * reference_acc)
     ax.set_ylim(*accuracy_limits(shown))
     ax.set_xscale("log")
-    ax.set_xlabel("unique values (log)")
+    ax.set_xlabel(f"{cost_label} (log)")
     ax.set_ylabel("test top-1 (%)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="lower right")

@@ -62,7 +62,12 @@ from pwf_flows.tracking import client as mlflow_client
 
 TRIAL_TAG = "sweep.trial"
 POLL_SECONDS = 2.0
-REPORTED = {"accuracy": "cls/acc", "unique_values": "ws/unique_values"}
+REPORTED = {
+    "accuracy": "cls/acc",
+    "unique_values": "ws/unique_values",
+    "nll": "cls/nll",
+    "ece": "cal/ece",
+}
 MIN_IMPORTANCE_TRIALS = 5
 MAX_RETRIES = 3
 DROP_TOLERANCE = 0.01  # "smallest unique count at <= 1 point drop"
@@ -177,7 +182,8 @@ def tell(study: optuna.Study, spec: SweepSpec, number: int, result: dict[str, An
     metrics = result["metrics"]
     trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
     for name, key in REPORTED.items():
-        study._storage.set_trial_user_attr(trial_id, name, float(metrics[key]))
+        if key in metrics:
+            study._storage.set_trial_user_attr(trial_id, name, float(metrics[key]))
     for key in ("mlflow_run_id", "pretrained_accuracy"):
         if result.get(key) is not None:
             study._storage.set_trial_user_attr(trial_id, key, result[key])
@@ -530,8 +536,15 @@ def _report(study: optuna.Study, spec: SweepSpec, parent, folder: Path) -> pd.Da
     summary = summary_metrics(study, table)
     if not table.empty:
         title = f"{spec.name}: {len(table)} trials ({_method_label(spec)})"
+        objectives = spec.study.objectives
+        cost = objectives[1] if objectives[0] == "accuracy" and len(objectives) > 1 else None
         plot = pareto_front(
-            table, folder / "pareto_front.png", title, summary.get("sweep/reference_accuracy")
+            table,
+            folder / "pareto_front.png",
+            title,
+            summary.get("sweep/reference_accuracy"),
+            cost=cost if cost in table else "unique_values",
+            cost_label=OBJECTIVES[cost].label if cost in table else "unique values",
         )
         parent.log_artifact(plot, "plots")
     found = importances(study, spec)

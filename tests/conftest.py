@@ -30,6 +30,15 @@ def prefect_server():
         yield PREFECT_API_URL.value()
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server on 127.0.0.1 for the whole test run."""
+    from tests._dummies.postgres import postgres_server
+
+    with postgres_server() as server:
+        yield server
+
+
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch) -> str:
     """A fresh MLflow sqlite store for one test (exported, so subprocesses use it too)."""

@@ -20,7 +20,7 @@ from pwf_core._files import CheckpointError
 from pwf_core.config import ConfigError, config_to_dict, load_config
 from pwf_flows.artifacts import ExperimentFiles
 from pwf_flows.experiment import default_run_name, pwf_experiment
-from tests.conftest import DEFAULT_CONFIG
+from tests.conftest import DEFAULT_CONFIG, ROOT
 
 ROUND_METRICS = [
     "cls/acc",
@@ -287,3 +287,47 @@ def test_sigkill_mid_round_resumes_without_rerunning_finished_rounds(
     )
     resumed = json.loads(files.summary.read_text())["metrics"]
     assert resumed == uninterrupted["metrics"]  # bit for bit
+
+
+GBNN_QUICK = {
+    "pretrain.epochs": 6,
+    "compression.bnn_epochs": 2,
+    "compression.vi_epochs": 3,
+    "compression.eval_samples": 4,
+    "compression.step_samples": 2,
+}
+
+
+@pytest.mark.integration
+def test_2dgbnn_flow_logs_its_stages_and_resumes_at_the_next_epoch(
+    prefect_server, mlflow_store, tmp_path
+):
+    config = config_to_dict(
+        load_config(ROOT / "configs" / "2dgbnn.yaml", {**GBNN_QUICK, "name": "gbnn"})
+    )
+    first = pwf_experiment(config=config, artifacts_dir=str(tmp_path / "a"), progress=False)
+    (run,) = runs_of("gbnn")
+    client = MlflowClient()
+    run_id = run.info.run_id
+    gaussians = client.get_metric_history(run_id, "bnn/gaussians")
+    assert sorted(m.step for m in gaussians) == [3, 4, 5, 6]  # mixture, then 3 VI epochs
+    for key in ("bnn/outliers", "bnn/blended", "size/trainable_params", "size/bytes", "cls/nll"):
+        assert client.get_metric_history(run_id, key), key
+    assert sorted(m.step for m in client.get_metric_history(run_id, "size/bytes")) == list(
+        range(1, 7)
+    )
+    final = run.data.metrics
+    for key in ("cls/acc", "cls/nll", "cal/ece", "bnn/gaussians", "meanfield/cls/acc"):
+        assert f"final/{key}" in final, key
+    plots = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert plots == {"plots/mixture.png", "plots/reliability.png"}
+
+    files = ExperimentFiles.for_config(load_config(overrides=config), tmp_path / "a")
+    files.summary.unlink()
+    for index in (3, 4, 5):  # a crash after the mixture step: the VI epochs are lost
+        files.step(index).unlink()
+    kept = [files.step(i).stat().st_mtime_ns for i in range(3)]
+    again = pwf_experiment(config=config, artifacts_dir=str(tmp_path / "a"), progress=False)
+    assert again["run_id"] == first["run_id"]
+    assert again["metrics"] == first["metrics"]  # the same numbers, bit for bit
+    assert [files.step(i).stat().st_mtime_ns for i in range(3)] == kept

@@ -96,6 +96,7 @@ def test_methods_sweep_swaps_whole_method_sections():
         "wfn": "wfn",
         "kmeans": "kmeans",
         "uniform": "uniform",
+        "2dgbnn": "2dgbnn",
     }
     assert methods["wfn"].schedule[0] == 0.3  # WFN's own schedule, not the base's PWFN one
 

@@ -16,6 +16,7 @@ from pwf_core.methods.base import (
     StepRecord,
     fixed_target,
 )
+from pwf_core.methods.gbnn2d import TwoDGBNN, TwoDGBNNConfig
 from pwf_core.methods.kmeans import KMeans, KMeansConfig
 from pwf_core.methods.pwfn import PWFN, PWFNConfig
 from pwf_core.methods.uniform import Uniform, UniformConfig
@@ -34,6 +35,8 @@ __all__ = [
     "Step",
     "StepContext",
     "StepRecord",
+    "TwoDGBNN",
+    "TwoDGBNNConfig",
     "Uniform",
     "UniformConfig",
     "WFNConfig",

@@ -163,11 +163,13 @@ class StepContext:
         if self.log is not None:
             self.log(message)
 
-    def evaluate(self, model: nn.Module, mc_samples: int = 0) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, mc_samples: int = 0, average: str = "probs"
+    ) -> dict[str, float]:
         """``cls/*`` and ``cal/*`` on the eval loader (empty without one)."""
         if self.eval_loader is None:
             return {}
-        return evaluate(model, self.eval_loader, self.device, mc_samples=mc_samples)
+        return evaluate(model, self.eval_loader, self.device, mc_samples, average)
 
 
 class Method(TrainingHooks, ABC):
@@ -184,6 +186,8 @@ class Method(TrainingHooks, ABC):
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     #: Whether weights are sampled while training (and the final model has sampled metrics).
     bayesian: ClassVar[bool] = False
+    #: Which parameters of conv/linear layers become (mu, sigma) pairs.
+    converted: ClassVar[tuple[str, ...]] = ("weight", "bias")
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
@@ -194,7 +198,7 @@ class Method(TrainingHooks, ABC):
 
     def convert(self, model: nn.Module) -> ConversionReport:
         """Convert conv/linear layers to (mu, sigma) and initialise them (once per run)."""
-        report = to_bayesian(model)
+        report = to_bayesian(model, attrs=self.converted)
         self.attach(model)
         self.initialise(model)
         return report
@@ -219,6 +223,13 @@ class Method(TrainingHooks, ABC):
     @abstractmethod
     def run_step(self, model: nn.Module, step: Step, ctx: StepContext) -> StepRecord:
         """Run ``step`` on ``model`` (edited in place) and measure the result."""
+
+    def prediction(self) -> tuple[int, str]:
+        """How the final model predicts: forward passes averaged, and what is averaged.
+
+        A fixed model is deterministic (one pass); a stochastic one averages samples.
+        """
+        return 0, "probs"
 
     def finalize(self, model: nn.Module, ctx: StepContext) -> dict[str, float]:
         """Leave ``model`` eval-ready (sampling off) and return its final metrics.

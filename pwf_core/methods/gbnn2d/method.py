@@ -1,0 +1,383 @@
+"""2DGBNN: stochastic weight sharing for Bayesian networks (Lin et al., AISTATS 2025).
+
+The plan, one step each:
+
+1. ``bnn 1..E``: train the converted network as a mean-field BNN by variational inference,
+   ``loss = NLL + kl_weight * KL(q || N(w_pretrained, prior_sigma^2)) / N_train``. Sigma is the
+   parameter itself, kept positive by projection: after every optimiser step it is clamped to
+   ``sigma_min`` (the sampling op already floors it at 2^-30). The last epoch accumulates each
+   weight's gradient magnitude for the outlier rule.
+2. ``mixture``: every conv/linear weight entry is a point (mu, sigma). Outliers keep their own
+   Gaussian: ``|mu| >= tau_w``, the top ``grad_outlier_fraction`` by accumulated gradient
+   magnitude, and members of clusters with at most ``min_cluster_size`` points. The rest are
+   clustered by k-means (on the raw points: mu, ten times sigma's scale, decides most of it, so
+   a Gaussian's members have close means) into Gaussians with the members' mean and full
+   covariance, which are also the priors; members outside their Gaussian's 95 % ellipse are
+   blended. The ellipse is the fitted (prior) Gaussian's, which describes how the members
+   spread; the posterior's mu-variance, which VI shrinks to what the loss tolerates, would put
+   most members outside it.
+3. ``vi 1..E``: variational inference over the Gaussians' means and Cholesky factors and the
+   outliers' (mu, sigma), with the post-init values as priors (closed-form KL). One 2-D sample
+   per Gaussian per forward pass; every member takes its first coordinate. After every epoch but
+   the last, neighbouring Gaussians close in Wasserstein-2 distance with small member gradient
+   and member variance merge (the last epoch trains the final set).
+
+Prediction averages the logits of ``eval_samples`` forward passes, then takes the softmax.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from pwf_core._seeding import derive_seed, seed_everything
+from pwf_core.bayes import bayesian_params, set_sampling
+from pwf_core.config import NonNegativeFloat, OptimConfig, PositiveFloat, PositiveInt
+from pwf_core.methods.base import Method, Step, StepContext, StepRecord
+from pwf_core.methods.gbnn2d.gaussians import (
+    fitted_gaussians,
+    kl_normal,
+    kmeans_2d,
+    parameters_from_covariance,
+)
+from pwf_core.methods.gbnn2d.sharing import (
+    ATTRIBUTE,
+    MergeRule,
+    SharedGaussians,
+    install,
+    sharing_of,
+    weight_points,
+)
+from pwf_core.registry import MethodConfig, register_method
+from pwf_core.train import train
+
+MAX_AUTO_GAUSSIANS = 6000
+
+
+class TwoDGBNNConfig(MethodConfig):
+    """2DGBNN knobs.
+
+    Args:
+        bnn_epochs: Epochs of mean-field BNN training.
+        vi_epochs: Epochs of VI over the shared Gaussians (merging after each but the last).
+        bnn_lr: Adam learning rate of the BNN's means.
+        bnn_sigma_lr: Adam learning rate of the BNN's sigmas.
+        vi_lr: Adam learning rate of the Gaussians, outliers, biases and norms in VI.
+        sigma_init: Initial sigma of every weight in the BNN.
+        sigma_min: Sigmas are clamped to at least this after every step.
+        prior_sigma: Scale of the BNN's Gaussian prior, centred on the pretrained weights.
+        kl_weight: Multiplies the KL term (1 is the ELBO).
+        gaussians: ``K`` for k-means, or ``auto``: ``round(sqrt(N))`` for ``N`` weights,
+            at most 6000 (237 for the small CNN, 3346 for ResNet-18).
+        tau_w: Weights with ``|mu| >= tau_w`` are outliers.
+        grad_outlier_fraction: Share of weights, by gradient magnitude, that are outliers.
+        min_cluster_size: Members of clusters with at most this many points are outliers.
+        tau_d: Largest squared W2 distance of a merged pair.
+        tau_g: Largest mean member gradient of a merged Gaussian (``None``: no limit).
+        tau_v: Largest variance of a merged Gaussian's member means.
+        merge_neighbours: Nearest Gaussians each one is compared with for merging.
+        step_samples: Forward passes averaged when measuring after each step.
+        eval_samples: Forward passes averaged for the final model (S).
+    """
+
+    method: Literal["2dgbnn"] = "2dgbnn"
+    bnn_epochs: PositiveInt = 4
+    vi_epochs: PositiveInt = 4
+    bnn_lr: PositiveFloat = 1e-4
+    bnn_sigma_lr: PositiveFloat = 1e-3
+    vi_lr: PositiveFloat = 1e-3
+    sigma_init: PositiveFloat = 1e-3
+    sigma_min: PositiveFloat = 1e-6
+    prior_sigma: PositiveFloat = 0.01
+    kl_weight: NonNegativeFloat = 1.0
+    gaussians: int | str = "auto"
+    tau_w: PositiveFloat = 0.2
+    grad_outlier_fraction: float = Field(0.01, ge=0.0, lt=1.0)
+    min_cluster_size: int = Field(20, ge=0)
+    tau_d: NonNegativeFloat = 1e-6
+    tau_g: NonNegativeFloat | None = None
+    tau_v: NonNegativeFloat = 1e-3
+    merge_neighbours: int = Field(3, ge=1, le=32)
+    step_samples: PositiveInt = 8
+    eval_samples: PositiveInt = 30
+
+    @field_validator("gaussians")
+    @classmethod
+    def _gaussians(cls, value: int | str) -> int | str:
+        if value == "auto" or (isinstance(value, int) and value >= 1):
+            return value
+        raise ValueError(f"must be a positive integer or 'auto'; got {value!r}")
+
+
+def dataset_size(loader) -> int:
+    """Training examples behind ``loader`` (for the KL's ``1 / N_train``)."""
+    for owner in (loader, getattr(loader, "dataset", None)):
+        for attribute in ("num_samples",):
+            if owner is not None and isinstance(getattr(owner, attribute, None), int):
+                return getattr(owner, attribute)
+    dataset = getattr(loader, "dataset", None)
+    if dataset is not None:
+        return len(dataset)
+    return sum(len(targets) for _, targets in loader)
+
+
+@register_method
+class TwoDGBNN(Method):
+    """Mean-field BNN → shared 2-D Gaussians with outliers and blends → VI with merging."""
+
+    config_class = TwoDGBNNConfig
+    bayesian = True
+    converted: ClassVar[tuple[str, ...]] = ("weight",)
+    config: TwoDGBNNConfig
+
+    def __init__(self, config: TwoDGBNNConfig) -> None:
+        super().__init__(config)
+        self.prior_mu: torch.Tensor | None = None
+        self.grad_magnitude: torch.Tensor | None = None
+        self.meanfield: dict[str, float] = {}
+        self._stage: str | None = None
+        self._collect_gradients = False
+        self._num_train = 1
+
+    # -- plan and state ---------------------------------------------------------------------
+
+    def plan(self) -> list[Step]:
+        cfg = self.config
+        stages = [("bnn", cfg.bnn_epochs), ("mixture", 1), ("vi", cfg.vi_epochs)]
+        steps, index = [], 0
+        for stage, count in stages:
+            for number in range(1, count + 1):
+                steps.append(Step(index=index, stage=stage, number=number, of=count))
+                index += 1
+        return steps
+
+    def initialise(self, model: nn.Module) -> None:
+        for param in bayesian_params(model):
+            param.sigma.data.fill_(self.config.sigma_init)
+        self.prior_mu = torch.cat([p.mu.detach().flatten() for p in bayesian_params(model)])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"meanfield.{k}": torch.tensor(v) for k, v in self.meanfield.items()}
+        if self.prior_mu is not None:
+            state["prior_mu"] = self.prior_mu
+        if self.grad_magnitude is not None:
+            state["grad_magnitude"] = self.grad_magnitude
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.prior_mu = state.get("prior_mu")
+        self.grad_magnitude = state.get("grad_magnitude")
+        self.meanfield = {
+            k.removeprefix("meanfield."): float(v) for k, v in state.items() if "meanfield." in k
+        }
+
+    def before_load(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        prefix = f"{ATTRIBUTE}."
+        if any(key.startswith(prefix) for key in tensors):
+            install(model, SharedGaussians.from_state(tensors, prefix))
+
+    # -- training hooks ---------------------------------------------------------------------
+
+    def extra_loss(self, model: nn.Module, task_loss: torch.Tensor) -> torch.Tensor | None:
+        if self._stage == "bnn":
+            kl = self._meanfield_kl(model)
+        elif self._stage == "vi":
+            kl = sharing_of(model).kl()
+        else:
+            return None
+        return self.config.kl_weight * kl / self._num_train
+
+    def _meanfield_kl(self, model: nn.Module) -> torch.Tensor:
+        assert self.prior_mu is not None
+        params = bayesian_params(model)
+        priors = self.prior_mu.to(params[0].mu.device).split([p.mu.numel() for p in params])
+        return sum(
+            kl_normal(
+                p.mu,
+                p.sigma.clamp_min(self.config.sigma_min),
+                prior.view_as(p.mu),
+                self.config.prior_sigma,
+            )
+            for p, prior in zip(params, priors, strict=True)
+        )
+
+    def after_backward(self, model: nn.Module) -> None:
+        if self._stage == "bnn" and self._collect_gradients:
+            grads = [
+                p.mu.grad.detach().abs().flatten()
+                if p.mu.grad is not None
+                else p.mu.new_zeros(p.mu.numel())
+                for p in bayesian_params(model)
+            ]
+            step = torch.cat(grads).cpu()
+            self.grad_magnitude = (
+                step if self.grad_magnitude is None else self.grad_magnitude + step
+            )
+        elif self._stage == "vi":
+            sharing_of(model).record_gradient()
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module) -> None:
+        if self._stage == "bnn":
+            for param in bayesian_params(model):
+                param.sigma.clamp_(min=self.config.sigma_min)
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def _train(self, model: nn.Module, step: Step, ctx: StepContext, lr: float, sigma_lr: float):
+        optim = OptimConfig(
+            optimizer="adamw", lr=lr, sigma_lr=sigma_lr, weight_decay=0.0, grad_clip=None
+        )
+        self._num_train = dataset_size(ctx.train_loader)
+        try:
+            return train(
+                model,
+                ctx.train_loader,
+                optim,
+                epochs=1.0,
+                device=ctx.device,
+                hooks=self,
+                progress=ctx.progress,
+                desc=str(step),
+                epoch_offset=1000 * step.index,
+                log=ctx.log,
+            )
+        finally:
+            self._stage = None
+
+    def run_step(self, model: nn.Module, step: Step, ctx: StepContext) -> StepRecord:
+        seed_everything(derive_seed(ctx.seed, step.stage, step.number))
+        start = time.perf_counter()
+        metrics: dict[str, float] = {}
+        if step.stage == "bnn":
+            self._stage = "bnn"
+            self._collect_gradients = step.number == step.of
+            if self._collect_gradients:
+                self.grad_magnitude = None
+            trained = self._train(model, step, ctx, self.config.bnn_lr, self.config.bnn_sigma_lr)
+            metrics |= {"train/loss": trained.mean_loss, "time/train_s": trained.seconds}
+        elif step.stage == "mixture":
+            self.build_mixture(model)
+        else:
+            sharing = sharing_of(model)
+            sharing.reset_gradients()
+            self._stage = "vi"
+            trained = self._train(model, step, ctx, self.config.vi_lr, self.config.vi_lr)
+            metrics |= {"train/loss": trained.mean_loss, "time/train_s": trained.seconds}
+            if step.number < step.of:
+                points = weight_points(model).to(sharing.means.device)
+                metrics["bnn/merged"] = float(sharing.merge(points, self.merge_rule))
+                sharing.assign_blends(points)
+        samples = self.config.step_samples
+        measured = time.perf_counter()
+        metrics |= ctx.evaluate(model, mc_samples=samples, average="logits")
+        metrics |= self.structure_metrics(model)
+        metrics["time/eval_s"] = time.perf_counter() - measured
+        metrics["time/step_s"] = time.perf_counter() - start
+        if step.stage == "bnn" and step.number == step.of:
+            final = ctx.evaluate(model, mc_samples=self.config.eval_samples, average="logits")
+            self.meanfield = {f"meanfield/{k}": v for k, v in final.items()} | {
+                f"meanfield/{k}": v
+                for k, v in self.structure_metrics(model).items()
+                if k.startswith("size/")
+            }
+        return StepRecord(step, metrics)
+
+    @property
+    def merge_rule(self) -> MergeRule:
+        cfg = self.config
+        tau_g = math.inf if cfg.tau_g is None else cfg.tau_g
+        return MergeRule(cfg.tau_d, tau_g, cfg.tau_v, cfg.merge_neighbours)
+
+    def number_of_gaussians(self, num_weights: int, num_inliers: int) -> int:
+        wanted = self.config.gaussians
+        if wanted == "auto":
+            wanted = min(MAX_AUTO_GAUSSIANS, max(8, round(math.sqrt(num_weights))))
+        return max(1, min(int(wanted), num_inliers // (self.config.min_cluster_size + 1) or 1))
+
+    @torch.no_grad()
+    def build_mixture(self, model: nn.Module) -> SharedGaussians:
+        """Outliers, k-means, Gaussians with full covariances, blends: install on ``model``."""
+        cfg = self.config
+        points = weight_points(model)
+        device = points.device
+        count = len(points)
+        outlier = points[:, 0].abs() >= cfg.tau_w
+        if self.grad_magnitude is not None and cfg.grad_outlier_fraction > 0:
+            top = max(1, math.ceil(cfg.grad_outlier_fraction * count))
+            magnitude = self.grad_magnitude.to(device)
+            threshold = torch.kthvalue(magnitude.cpu(), count - top + 1).values.to(device)
+            outlier |= magnitude >= threshold
+        inliers = (~outlier).nonzero().squeeze(1)
+        clusters = self.number_of_gaussians(count, len(inliers))
+        _, labels = kmeans_2d(points[inliers], clusters)
+        sizes = torch.bincount(labels, minlength=clusters)
+        kept = sizes > cfg.min_cluster_size
+        small = ~kept[labels]
+        outlier[inliers[small]] = True
+        inliers, labels = inliers[~small], labels[~small]
+        compact = torch.cumsum(kept, 0) - 1
+        labels = compact[labels]
+        total = int(kept.sum())
+        means, covariance = fitted_gaussians(points[inliers].cpu(), labels.cpu(), total)
+        log_diag, offdiag = parameters_from_covariance(covariance)
+        outliers = outlier.nonzero().squeeze(1)
+        sharing = SharedGaussians(total, len(outliers), 0, count)
+        sharing.means.data.copy_(means)
+        sharing.log_diag.data.copy_(log_diag)
+        sharing.offdiag.data.copy_(offdiag)
+        sharing.outlier_mu.data.copy_(points[outliers, 0].cpu())
+        sigma = points[outliers, 1].clamp_min(cfg.sigma_min).cpu()
+        sharing.outlier_log_sigma.data.copy_(sigma.log())
+        sharing.member[:] = -1
+        sharing.member[inliers.cpu()] = labels.cpu()
+        sharing.outlier_index.copy_(outliers.cpu())
+        for name in ("means", "log_diag", "offdiag", "outlier_mu", "outlier_log_sigma"):
+            getattr(sharing, f"prior_{name}").copy_(getattr(sharing, name).detach())
+        install(model, sharing)
+        sharing.assign_blends(points)
+        return sharing
+
+    # -- measurements -----------------------------------------------------------------------
+
+    def structure_metrics(self, model: nn.Module) -> dict[str, float]:
+        """Counts of Gaussians, outliers and blends; trainable parameters and stored bytes."""
+        from pwf_core.methods.gbnn2d.export import stored_bytes
+
+        sharing = sharing_of(model)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if sharing is None:  # the mean-field BNN: mu and sigma of every weight, all float32
+            return {"size/trainable_params": float(trainable), "size/bytes": 4.0 * trainable}
+        return {
+            "bnn/gaussians": float(sharing.num_gaussians),
+            "bnn/outliers": float(sharing.num_outliers),
+            "bnn/blended": float(sharing.num_blended),
+            "ws/unique_values": float(sharing.num_gaussians + sharing.num_outliers),
+            "size/trainable_params": float(trainable),
+            "size/bytes": float(stored_bytes(model)),
+        }
+
+    def prediction(self) -> tuple[int, str]:
+        return self.config.eval_samples, "logits"
+
+    def finalize(self, model: nn.Module, ctx: StepContext) -> dict[str, float]:
+        """The stochastic model's metrics (``eval_samples`` averaged logits), the mean-weight
+        model's (``*_mean``), the mean-field BNN's (``meanfield/*``), the sizes."""
+        set_sampling(model, None)
+        model.eval()
+        seed_everything(derive_seed(ctx.seed, "final-eval"))
+        metrics = ctx.evaluate(model, mc_samples=self.config.eval_samples, average="logits")
+        mean = ctx.evaluate(model)
+        metrics |= {f"{key}_mean": value for key, value in mean.items()}
+        metrics |= self.structure_metrics(model) | self.meanfield
+        plain = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        plain += sum(p.mu.numel() for p in bayesian_params(model))
+        plain -= sharing_of(model).trainable_params()
+        metrics["deterministic/size/params"] = float(plain)
+        metrics["deterministic/size/bytes"] = 4.0 * plain
+        return metrics
