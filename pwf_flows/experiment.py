@@ -45,6 +45,7 @@ from pwf_flows.artifacts import ExperimentFiles, pretrain_key, run_key
 from pwf_flows.plots import accuracy_vs_unique_values, gaussian_scatter, reliability_diagram
 from pwf_flows.results import finished_result
 from pwf_flows.tracking import RunTracker, standard_tags, tracked_run, tracking_uri
+from pwf_flows.trials import owned_trial
 
 TABLE_KEYS = (
     ("ws/fixed_fraction", "fixed", lambda v: f"{100 * v:.1f} %"),
@@ -346,6 +347,7 @@ def pwf_experiment(
     run_name: str | None = None,
     fresh: bool = False,
     source: str = "pwf-experiment",
+    trial: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) one experiment and record it in MLflow.
 
@@ -360,12 +362,38 @@ def pwf_experiment(
         fresh: Start over even if this experiment finished or has checkpoints; its earlier
             MLflow run is left as it is.
         source: What launched the run (MLflow's ``mlflow.source.name``).
+        trial: The sweep trial this run computes on a worker (``storage``, ``study``,
+            ``number``, ``heartbeat_s``): the run keeps the trial's heartbeat, and does nothing
+            when the trial is no longer running (its driver gave it up).
 
     Returns:
         The MLflow run id and URL, the experiment folder, the tracking URI, the final metrics
         and timings; ``already_complete`` when a finished run was found and left untouched.
     """
     cfg = parse_config(config or {})
+    with owned_trial(trial) as running:
+        if not running:
+            get_run_logger().info(
+                "trial %s of study %s is no longer running: nothing to do",
+                trial["number"],
+                trial["study"],
+            )
+            return {"superseded": True, "experiment": cfg.name}
+        return _experiment(
+            cfg, artifacts_dir, parent_run_id, progress, tags, run_name, fresh, source
+        )
+
+
+def _experiment(
+    cfg: ExperimentConfig,
+    artifacts_dir: str,
+    parent_run_id: str | None,
+    progress: bool,
+    tags: dict[str, str] | None,
+    run_name: str | None,
+    fresh: bool,
+    source: str,
+) -> dict[str, Any]:
     values = config_to_dict(cfg)
     files = ExperimentFiles.for_config(cfg, artifacts_dir)
     logger = get_run_logger()

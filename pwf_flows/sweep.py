@@ -25,25 +25,22 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import threading
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pandas as pd
 from mlflow.tracking import MlflowClient
-from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.samplers import BaseSampler, GridSampler, NSGAIISampler, RandomSampler, TPESampler
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
+from prefect.states import Crashed
 
 from pwf_core._files import atomic_path, file_lock, write_text_atomic
 from pwf_core._seeding import derive_seed
@@ -51,14 +48,9 @@ from pwf_core.config import ExperimentConfig, config_to_dict
 from pwf_flows.experiment import pwf_experiment
 from pwf_flows.plots import bar_chart, pareto_front
 from pwf_flows.sweep_spec import OBJECTIVES, SweepSpec, dump_spec, load_sweep, masked_url
-from pwf_flows.tracking import (
-    RunTracker,
-    experiment_id,
-    find_run,
-    sqlite_creation_lock,
-    tracked_run,
-)
+from pwf_flows.tracking import RunTracker, experiment_id, find_run, tracked_run
 from pwf_flows.tracking import client as mlflow_client
+from pwf_flows.trials import Heartbeats, quiet_optuna, storage_for
 
 TRIAL_TAG = "sweep.trial"
 POLL_SECONDS = 2.0
@@ -71,16 +63,6 @@ REPORTED = {
 MIN_IMPORTANCE_TRIALS = 5
 MAX_RETRIES = 3
 DROP_TOLERANCE = 0.01  # "smallest unique count at <= 1 point drop"
-
-
-@contextmanager
-def _quiet_optuna() -> Iterator[None]:
-    """Heartbeats with ask/tell and metric names are what pwf means to use; Optuna warns that
-    they are experimental (and that heartbeats are meant for ``optimize``) on every call."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-        yield
 
 
 def sampler_for(spec: SweepSpec, trials_so_far: int) -> BaseSampler:
@@ -99,24 +81,10 @@ def sampler_for(spec: SweepSpec, trials_so_far: int) -> BaseSampler:
     return TPESampler(seed=seed)
 
 
-def storage_for(spec: SweepSpec) -> RDBStorage:
-    """The study's database with heartbeats on; a trial whose heartbeat stops is retried."""
-    url = spec.study.resolved_storage()
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    with sqlite_creation_lock(url), _quiet_optuna():
-        return RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=spec.study.heartbeat_s,
-            grace_period=3 * spec.study.heartbeat_s,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
-        )
-
-
 def open_study(spec: SweepSpec) -> optuna.Study:
     """Create the study, or load it to continue (same name and storage)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = storage_for(spec)
+    storage = storage_for(spec.study.resolved_storage(), spec.study.heartbeat_s)
     study = optuna.create_study(
         study_name=spec.name,
         storage=storage,
@@ -124,48 +92,9 @@ def open_study(spec: SweepSpec) -> optuna.Study:
         load_if_exists=True,
     )
     study.sampler = sampler_for(spec, len(study.get_trials(deepcopy=False)))
-    with _quiet_optuna():
+    with quiet_optuna():
         study.set_metric_names([OBJECTIVES[name].label for name in spec.study.objectives])
     return study
-
-
-class Heartbeats:
-    """Records a heartbeat for every trial this process owns, from one background thread."""
-
-    def __init__(self, study: optuna.Study, interval: float) -> None:
-        self.storage = study._storage
-        self.interval = interval
-        self.trial_ids: set[int] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True, name="pwf-heartbeats")
-
-    def __enter__(self) -> Heartbeats:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def own(self, trial_id: int) -> None:
-        with self._lock:
-            self.trial_ids.add(trial_id)
-        self.storage.record_heartbeat(trial_id)
-
-    def release(self, trial_id: int) -> None:
-        with self._lock:
-            self.trial_ids.discard(trial_id)
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.interval):
-            with self._lock:
-                owned = list(self.trial_ids)
-            for trial_id in owned:
-                try:
-                    self.storage.record_heartbeat(trial_id)
-                except Exception:  # a busy database must not kill the heartbeat thread
-                    continue
 
 
 def trials_in(study: optuna.Study, *states: TrialState) -> list[FrozenTrial]:
@@ -226,7 +155,7 @@ def _duplicate_of(study: optuna.Study, trial: optuna.Trial) -> int | None:
 def _fail_stale(study: optuna.Study) -> list[int]:
     """Fail (and queue again) the trials whose owner's heartbeat stopped."""
     before = {t.number for t in trials_in(study, TrialState.RUNNING)}
-    with _quiet_optuna():
+    with quiet_optuna():
         optuna.storages.fail_stale_trials(study)
     after = {t.number for t in trials_in(study, TrialState.RUNNING)}
     return sorted(before - after)
@@ -255,7 +184,7 @@ class Driver:
             complete, running = self.counts()
             if complete + running >= self.spec.n_trials:
                 return None
-            with _quiet_optuna():
+            with quiet_optuna():
                 trial = self.study.ask()
             heartbeats.own(trial._trial_id)
             config = suggest(trial, self.spec)
@@ -361,22 +290,38 @@ class Driver:
                 self.record(trial.number, {**result, "mlflow_run_id": result["run_id"]})
 
     def adoptable(self, client) -> dict[Any, FrozenTrial]:
-        """Running trials whose deployment run is still going: adopt them, do not rerun."""
+        """Running trials whose deployment run is still going (or finished while no driver
+        watched): adopt them instead of running them again."""
         adopted = {}
         for trial in trials_in(self.study, TrialState.RUNNING):
             run_id = trial.user_attrs.get("prefect_flow_run_id")
             if run_id is None:
                 continue
             state = client.read_flow_run(run_id).state
-            if state is not None and not state.is_final():
+            if state is not None and (not state.is_final() or state.is_completed()):
                 adopted[run_id] = trial
-            elif state is not None and state.is_completed():
-                adopted[run_id] = trial  # finished while nobody watched: collect its result
         return adopted
 
+    def trial_parameters(self, trial: optuna.Trial, config: ExperimentConfig) -> dict:
+        """A pool trial's flow-run parameters: the trial heartbeats itself while it runs."""
+        return self.parameters(trial.number, trial.params, config) | {
+            "trial": {
+                "storage": self.spec.study.portable_storage(),
+                "study": self.spec.name,
+                "number": trial.number,
+                "heartbeat_s": self.spec.study.heartbeat_s,
+            }
+        }
+
     def run_on_pool(self, deployment: str, deadline: float | None) -> None:
-        """Trials as deployment runs, up to ``max_parallel`` in flight."""
+        """Trials as deployment runs, up to ``max_parallel`` in flight.
+
+        The driver keeps a queued trial alive; once its flow run runs, the flow run does. A
+        trial that lost its owner (a killed worker) is failed and queued again by the stale
+        check, and its flow run is marked crashed in Prefect.
+        """
         in_flight: dict[Any, int] = {}
+        storage = self.study._storage
         with (
             get_client(sync_client=True) as client,
             Heartbeats(self.study, self.spec.study.heartbeat_s) as heartbeats,
@@ -384,9 +329,11 @@ class Driver:
             for run_id, trial in self.adoptable(client).items():
                 heartbeats.own(trial._trial_id)
                 in_flight[run_id] = trial.number
-                self.logger.info("trial %d: adopted its running flow run %s", trial.number, run_id)
+                self.logger.info("trial %d: adopted its flow run %s", trial.number, run_id)
             while True:
-                _fail_stale(self.study)
+                requeued = _fail_stale(self.study)
+                if requeued:
+                    self.logger.info("trials %s lost their worker: queued again", requeued)
                 while len(in_flight) < self.spec.execution.max_parallel and (
                     deadline is None or time.time() < deadline
                 ):
@@ -394,7 +341,7 @@ class Driver:
                     if asked is None:
                         break
                     trial, config = asked
-                    params = self.parameters(trial.number, trial.params, config)
+                    params = self.trial_parameters(trial, config)
                     run = run_deployment(
                         deployment,
                         parameters=params,
@@ -412,13 +359,28 @@ class Driver:
                     continue
                 time.sleep(POLL_SECONDS)
                 for run_id, number in list(in_flight.items()):
-                    state = client.read_flow_run(run_id).state
-                    if state is None or not state.is_final():
-                        continue
-                    del in_flight[run_id]
-                    trial_id = self.study._storage.get_trial_id_from_study_id_trial_number(
+                    trial_id = storage.get_trial_id_from_study_id_trial_number(
                         self.study._study_id, number
                     )
+                    state = client.read_flow_run(run_id).state
+                    if storage.get_trial(trial_id).state == TrialState.FAIL:
+                        del in_flight[run_id]
+                        heartbeats.release(trial_id)
+                        if state is not None and not state.is_final():
+                            client.set_flow_run_state(
+                                run_id,
+                                Crashed(message=f"trial {number} lost its worker's heartbeat"),
+                                force=True,
+                            )
+                        self.failures += 1
+                        continue
+                    if state is None or not state.is_final():
+                        if state is not None and state.is_running():
+                            heartbeats.release(trial_id)  # the flow run heartbeats now
+                        else:
+                            heartbeats.own(trial_id)
+                        continue
+                    del in_flight[run_id]
                     heartbeats.release(trial_id)
                     if state.is_completed():
                         self.record(

@@ -219,6 +219,14 @@ class StudySpec(_Strict):
     def metric_keys(self) -> list[str]:
         return [OBJECTIVES[name].metric for name in self.objectives]
 
+    def portable_storage(self) -> str:
+        """The storage URL for another process (a worker): a relative sqlite path made
+        absolute, ``${VAR}`` references left for that process to fill in."""
+        url = make_url(expand_storage(self.storage))
+        if url.get_backend_name() == "sqlite" and not Path(url.database).is_absolute():
+            return self.resolved_storage()
+        return self.storage
+
     def resolved_storage(self) -> str:
         """The storage URL to connect with: variables expanded, a relative sqlite path made
         absolute. It may hold a password: show :func:`masked_url` of it, never the URL."""

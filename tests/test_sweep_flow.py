@@ -232,9 +232,15 @@ def test_interrupted_sweep_resumes_to_n_complete_trials(prefect_server, mlflow_s
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_two_sweeps_on_one_sqlite_study(prefect_server, tmp_path):
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_two_sweeps_on_one_study(database, prefect_server, tmp_path, request):
     """Started together on a fresh folder: no crash, exactly n complete and distinct trials."""
-    path = tiny_sweep(tmp_path, "together", n_trials=4)
+    study = {}
+    if database == "postgresql":
+        server = request.getfixturevalue("postgres")
+        url = server.create_database(f"together_{tmp_path.name[-12:].replace('-', '_')}")
+        study = {"storage": url}
+    path = tiny_sweep(tmp_path, "together", n_trials=4, **study)
     env = {
         **os.environ,
         "PREFECT_API_URL": prefect_server,
@@ -255,8 +261,9 @@ def test_two_sweeps_on_one_sqlite_study(prefect_server, tmp_path):
     for process, output in zip(processes, outputs, strict=True):
         assert process.returncode == 0, output[-4000:]
         assert "UpdateFinishedTrialError" not in output
-    study = study_of(tmp_path, "together")
-    done = complete(study)
+    storage = study.get("storage", f"sqlite:///{tmp_path / 'optuna.db'}")
+    done = complete(optuna.load_study(study_name="together", storage=storage))
+    study = optuna.load_study(study_name="together", storage=storage)
     assert len(done) == 4 and len({tuple(sorted(t.params.items())) for t in done}) == 4
     assert not study.get_trials(states=(TrialState.FAIL, TrialState.RUNNING))
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])

@@ -1,0 +1,364 @@
+"""A cluster on real engines, on this machine: PostgreSQL for Prefect, MLflow and Optuna, a
+Prefect server, an MLflow server that proxies artifacts, two process workers on the trial pool
+(``--limit 1`` each, as one per GPU) and one on the driver pool; then sweeps run through
+``prefect deployment run`` with workers and drivers killed in the middle.
+
+Passwords reach the processes through the environment (``${PWF_TEST_PG_PASSWORD}`` in the
+study URL), never through flow-run parameters.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from tests._dummies.postgres import PASSWORD
+from tests.conftest import ROOT
+from tests.test_server_deployment import free_port
+
+VENV_BIN = Path(sys.executable).parent
+TINY = {
+    "pretrain.epochs": 3,
+    "train.epochs": 0.25,
+    "compression.schedule": [0.5, 1.0],
+    "eval.mc_samples": 0,
+}
+SPACE = {
+    "compression.b": {"int": [3, 6]},
+    "compression.reg": {"float": [1e-5, 1e-2], "log": True},
+}
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+class Cluster:
+    """Servers and workers as background processes, each in its own process group."""
+
+    def __init__(self, workdir: Path, postgres) -> None:
+        self.workdir = workdir
+        self.postgres = postgres
+        self.ports = {"prefect": free_port(), "mlflow": free_port()}
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.optuna_url = postgres.url("optuna").replace(PASSWORD, "${PWF_TEST_PG_PASSWORD}")
+        self.env = {
+            **os.environ,
+            "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+            "PREFECT_HOME": str(workdir / ".prefect"),
+            "PREFECT_API_URL": f"http://127.0.0.1:{self.ports['prefect']}/api",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "DO_NOT_TRACK": "true",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{self.ports['mlflow']}",
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "PWF_TEST_PG_PASSWORD": PASSWORD,
+        }
+
+    def start(self, name: str, argv: list[str], **env: str) -> subprocess.Popen:
+        log = (self.workdir / f"{name}.log").open("a")
+        process = subprocess.Popen(
+            argv,
+            cwd=self.workdir,
+            env={**self.env, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.processes[name] = process
+        return process
+
+    def run(self, argv: list[str], timeout: float = 180) -> str:
+        done = subprocess.run(
+            argv, cwd=self.workdir, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+        assert done.returncode == 0, f"{argv}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        return done.stdout + done.stderr
+
+    def worker(self, name: str, pool: str, limit: int) -> subprocess.Popen:
+        return self.start(
+            name, ["prefect", "worker", "start", "--pool", pool, "--limit", str(limit)]
+        )
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a process and everything in its group (a worker and its flow runs)."""
+        process = self.processes.pop(name)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+    def stop(self) -> None:
+        for name in list(self.processes):
+            process = self.processes.pop(name)
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+    def wait_for(self, condition, what: str, timeout: float = 240) -> None:
+        deadline = time.time() + timeout
+        while not condition():
+            for name, process in self.processes.items():
+                if process.poll() is not None and not name.startswith("driver"):
+                    log = (self.workdir / f"{name}.log").read_text()[-3000:]
+                    raise AssertionError(f"{name} exited while waiting for {what}:\n{log}")
+            assert time.time() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.5)
+
+    def overrides(self, name: str, n_trials: int, max_parallel: int, **experiment) -> str:
+        return json.dumps(
+            {
+                "name": name,
+                "study.n_trials": n_trials,
+                "study.storage": self.optuna_url,
+                "study.heartbeat_s": 2,
+                "execution.artifacts_dir": str(self.workdir / "artifacts"),
+                "execution.max_parallel": max_parallel,
+                "overrides": {**TINY, **experiment},
+                "space": SPACE,
+            }
+        )
+
+    def sweep(self, name: str, overrides: str, watch: bool = True) -> str:
+        argv = [
+            "prefect",
+            "deployment",
+            "run",
+            "pwf/full-sweep",
+            "--param",
+            f"overrides={overrides}",
+        ]
+        if watch:
+            argv += ["--watch", "--watch-timeout", "600"]
+        return self.run(argv, timeout=660)
+
+    def study(self, name: str) -> optuna.Study:
+        return optuna.load_study(study_name=name, storage=self.postgres.url("optuna"))
+
+
+def _healthy(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def cluster(postgres, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("cluster")
+    for database in ("prefect", "mlflow", "optuna"):
+        postgres.create_database(database)
+    stack = Cluster(workdir, postgres)
+    try:
+        stack.start(
+            "prefect-server",
+            [
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(stack.ports["prefect"]),
+            ],
+            PREFECT_API_DATABASE_CONNECTION_URL=postgres.url("prefect", "postgresql+asyncpg"),
+        )
+        stack.start(
+            "mlflow-server",
+            [
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(stack.ports["mlflow"]),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                postgres.url("mlflow"),
+                "--serve-artifacts",
+                "--artifacts-destination",
+                str(workdir / "mlartifacts"),
+            ],
+        )
+        stack.wait_for(lambda: _healthy(f"{stack.env['PREFECT_API_URL']}/health"), "Prefect")
+        stack.wait_for(lambda: _healthy(f"{stack.env['MLFLOW_TRACKING_URI']}/health"), "MLflow")
+        for pool in ("gpu", "cpu"):
+            stack.run(["prefect", "work-pool", "create", pool, "--type", "process"])
+        stack.worker("worker-gpu-0", "gpu", 1)
+        stack.worker("worker-gpu-1", "gpu", 1)
+        stack.worker("worker-cpu", "cpu", 2)
+        deploy = subprocess.run(
+            ["prefect", "--no-prompt", "deploy", "--all"],
+            cwd=ROOT,
+            env={**stack.env, "PWF_PROJECT_DIR": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+        yield stack
+    finally:
+        stack.stop()
+
+
+def prefect_api(cluster: Cluster, endpoint: str, body: dict | None = None) -> list | dict:
+    """Prefect's REST API (POST with ``body``, else GET)."""
+    request = urllib.request.Request(
+        f"{cluster.env['PREFECT_API_URL']}/{endpoint}",
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def trial_flow_runs(cluster: Cluster, study: optuna.Study) -> list[dict]:
+    """The Prefect flow runs the study's trials were submitted as (REST API)."""
+    key = "prefect_flow_run_id"
+    ids = [t.user_attrs[key] for t in study.trials if key in t.user_attrs]
+    return prefect_api(cluster, "flow_runs/filter", {"flow_runs": {"id": {"any_": ids}}})
+
+
+def mlflow_children(cluster: Cluster, experiment: str) -> tuple[list, list]:
+    client = MlflowClient(cluster.env["MLFLOW_TRACKING_URI"])
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("kind") == "sweep"]
+    return parents, [r for r in runs if r.data.tags.get("kind") != "sweep"]
+
+
+def distinct_configurations(trials: list) -> int:
+    return len({tuple(sorted(t.params.items())) for t in trials})
+
+
+def test_two_workers_run_trials_at_once_exactly_once(cluster):
+    cluster.sweep("parallel", cluster.overrides("parallel", n_trials=4, max_parallel=2))
+    study = cluster.study("parallel")
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 4 and distinct_configurations(complete) == 4
+    assert not study.get_trials(states=(TrialState.FAIL, TrialState.RUNNING))
+    parents, children = mlflow_children(cluster, "parallel")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(c.info.run_id for c in children) == sorted(
+        t.user_attrs["mlflow_run_id"] for t in complete
+    )
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert sum(c.data.tags["pretrain.cached"] == "True" for c in children) >= 2  # shared cache
+    runs = trial_flow_runs(cluster, study)
+    assert len(runs) == 4 and all(r["state"]["type"] == "COMPLETED" for r in runs)
+    spans = sorted((r["start_time"], r["end_time"]) for r in runs)
+    overlapping = any(b[0] < a[1] for a, b in itertools.pairwise(spans))
+    assert overlapping, f"no two trials ran at the same time: {spans}"
+    # Artifacts went through the MLflow server's proxy, not a shared path.
+    client = MlflowClient(cluster.env["MLFLOW_TRACKING_URI"])
+    assert client.get_run(children[0].info.run_id).info.artifact_uri.startswith("mlflow-artifacts:")
+    assert (cluster.workdir / "mlartifacts").is_dir()
+    # The study's password never reached Prefect's parameters.
+    assert all(PASSWORD not in json.dumps(r["parameters"]) for r in runs)
+
+
+SLOW = {"compression.schedule": [0.2, 0.4, 0.6, 0.8, 1.0], "train.epochs": 3.0}
+
+
+def flow_runs_of_study(cluster: Cluster, name: str) -> list[dict]:
+    """Every trial flow run any driver submitted for sweep ``name``."""
+    runs = prefect_api(cluster, "flow_runs/filter", {"limit": 200})
+    return [
+        r
+        for r in runs
+        if (r.get("parameters") or {}).get("config", {}).get("name") == name
+        and (r.get("parameters") or {}).get("trial")
+    ]
+
+
+def kill_flow_run(cluster: Cluster, run_id: str) -> None:
+    """SIGKILL the process a worker started for flow run ``run_id``."""
+    run = prefect_api(cluster, f"flow_runs/{run_id}")
+    os.kill(int(str(run["infrastructure_pid"]).rsplit(":", 1)[-1]), signal.SIGKILL)
+
+
+def driver_id(output: str) -> str:
+    return next(line.split()[-1] for line in output.splitlines() if "UUID" in line)
+
+
+def wait_for_driver(cluster: Cluster, run_id: str, timeout: float = 600) -> dict:
+    final = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+    state = {}
+
+    def done() -> bool:
+        state.update(prefect_api(cluster, f"flow_runs/{run_id}")["state"])
+        return state["type"] in final
+
+    cluster.wait_for(done, f"driver {run_id}", timeout)
+    return state
+
+
+def test_a_killed_worker_trial_is_retried_and_resumes(cluster):
+    name = "killed-worker"
+    overrides = cluster.overrides(name, n_trials=2, max_parallel=1, **SLOW)
+    driver = driver_id(cluster.sweep(name, overrides, watch=False))
+    experiments = cluster.workdir / "artifacts" / "experiments" / name
+    cluster.wait_for(lambda: any(experiments.glob("*/step_01.safetensors")), "a finished round")
+    (lost,) = cluster.study(name).get_trials(states=(TrialState.RUNNING,))
+    # The worker's host goes down: the worker and the flow run it started die together.
+    kill_flow_run(cluster, lost.user_attrs["prefect_flow_run_id"])
+    cluster.kill("worker-gpu-0")
+    cluster.kill("worker-gpu-1")
+    cluster.worker("worker-gpu-2", "gpu", 1)
+    cluster.worker("worker-gpu-3", "gpu", 1)
+    assert wait_for_driver(cluster, driver)["type"] == "COMPLETED"
+    study = cluster.study(name)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(complete) == 2 and distinct_configurations(complete) == 2
+    assert [t.number for t in failed] == [lost.number]  # marked failed, not lost
+    retried = next(t for t in complete if t.params == lost.params)  # ... and retried
+    _, children = mlflow_children(cluster, name)
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    resumed = next(c for c in children if c.info.run_id == retried.user_attrs["mlflow_run_id"])
+    assert resumed.data.tags["resumed_at"].startswith("round ")  # from the lost run's checkpoint
+    states = {r["id"]: r["state"]["type"] for r in flow_runs_of_study(cluster, name)}
+    assert states[lost.user_attrs["prefect_flow_run_id"]] == "CRASHED"
+
+
+def test_a_rerun_driver_adopts_trials_still_running_on_workers(cluster):
+    name = "killed-driver"
+    overrides = cluster.overrides(name, n_trials=2, max_parallel=2, **SLOW)
+    first = driver_id(cluster.sweep(name, overrides, watch=False))
+
+    def both_running() -> bool:
+        try:
+            running = cluster.study(name).get_trials(states=(TrialState.RUNNING,))
+        except KeyError:
+            return False
+        runs = [r for r in flow_runs_of_study(cluster, name) if r["state"]["type"] == "RUNNING"]
+        return len(running) == 2 and len(runs) == 2
+
+    cluster.wait_for(both_running, "two trials running on the workers")
+    kill_flow_run(cluster, first)  # the sweep driver dies; its trials go on
+    cluster.kill("worker-cpu")
+    cluster.worker("worker-cpu-2", "cpu", 2)
+    cluster.sweep(name, overrides)  # the same deployment again, watched to the end
+    study = cluster.study(name)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 2 and distinct_configurations(complete) == 2
+    assert not study.get_trials(states=(TrialState.FAIL, TrialState.RUNNING))
+    assert len(flow_runs_of_study(cluster, name)) == 2  # adopted, not submitted again
+    parents, children = mlflow_children(cluster, name)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
