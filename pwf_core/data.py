@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from pwf_core.config import DataConfig
+from pwf_core.distributed import rank, world_size
 
 SPLIT_SEED = 0  # Splits are fixed across experiment seeds so test sets stay comparable.
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
@@ -45,6 +46,7 @@ class TensorLoader:
         shuffle: Reshuffle each epoch.
         seed: Base seed of the shuffling.
         augment: ``"crop_flip"`` for random 4-pixel-padded crops and horizontal flips.
+        shard: Under ``torchrun``, give each rank an equal share of every epoch's samples.
     """
 
     def __init__(
@@ -55,10 +57,12 @@ class TensorLoader:
         shuffle: bool = False,
         seed: int = 0,
         augment: str | None = None,
+        shard: bool = False,
     ) -> None:
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.seed, self.augment = batch_size, shuffle, seed, augment
         self.epoch = 0
+        self.rank, self.world = (rank(), world_size()) if shard else (0, 1)
 
     def to(self, device: torch.device | str) -> TensorLoader:
         """Move the whole dataset to ``device`` (cheap for the small datasets held here)."""
@@ -71,19 +75,23 @@ class TensorLoader:
 
     @property
     def num_samples(self) -> int:
-        return len(self.labels)
+        """Samples this process sees per epoch (every rank the same number)."""
+        return len(self.labels) // self.world
 
     def __len__(self) -> int:
         return -(-self.num_samples // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
         n, size = self.num_samples, self.batch_size
-        if not self.shuffle:
+        if not self.shuffle and self.world == 1:
             for start in range(0, n, size):
                 yield self.images[start : start + size], self.labels[start : start + size]
             return
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(n, generator=generator).to(self.labels.device)
+        order = torch.randperm(len(self.labels), generator=generator)
+        if not self.shuffle:
+            order = torch.arange(len(self.labels))
+        order = order[self.rank :: self.world][:n].to(self.labels.device)
         for start in range(0, n, size):
             picked = order[start : start + size]
             images = self.images[picked]
@@ -107,17 +115,30 @@ def _crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -
 
 
 class FolderLoader:
-    """A DataLoader over image files with per-epoch seeded shuffling (same API as TensorLoader)."""
+    """A DataLoader over image files with per-epoch seeded shuffling (same API as TensorLoader).
+
+    Sharded (under ``torchrun``), a ``DistributedSampler`` gives each rank its share.
+    """
 
     def __init__(
-        self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        num_workers: int,
+        shard: bool = False,
     ) -> None:
         self.dataset, self.seed, self.epoch = dataset, seed, 0
         self.generator = torch.Generator()
+        self.sampler = None
+        if shard and world_size() > 1:
+            self.sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=True)
         self.loader = DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and self.sampler is None,
+            sampler=self.sampler,
             num_workers=num_workers,
             generator=self.generator,
             pin_memory=torch.cuda.is_available(),
@@ -129,9 +150,13 @@ class FolderLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
 
     @property
     def num_samples(self) -> int:
+        if self.sampler is not None:
+            return self.sampler.num_samples
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __len__(self) -> int:
@@ -168,14 +193,21 @@ class ImageDataset:
     num_workers: int = 0
 
     def loader(self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0) -> Loader:
-        """A loader over ``split`` (``train``, ``val`` or ``test``); augmentation on train only."""
+        """A loader over ``split`` (``train``, ``val`` or ``test``); augmentation on train only.
+
+        Under ``torchrun`` the training split is sharded between the ranks; every rank
+        evaluates on the whole of the others.
+        """
         source = getattr(self, split)
         if source is None:
             raise DatasetError(f"dataset '{self.name}' has no '{split}' split (val_fraction is 0)")
+        shard = split == "train"
         if isinstance(source, TensorSplit):
             augment = source.augment if split == "train" else None
-            return TensorLoader(source.images, source.labels, batch_size, shuffle, seed, augment)
-        return FolderLoader(source, batch_size, shuffle, seed, self.num_workers)
+            return TensorLoader(
+                source.images, source.labels, batch_size, shuffle, seed, augment, shard
+            )
+        return FolderLoader(source, batch_size, shuffle, seed, self.num_workers, shard)
 
 
 def _split_indices(n: int, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:

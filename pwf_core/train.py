@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from pwf_core.bayes import sigma_parameters
 from pwf_core.config import OptimConfig
+from pwf_core.distributed import wrap
 
 
 class TrainingHooks:
@@ -168,6 +169,7 @@ def train(
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     model.train()
+    network = wrap(model)  # DistributedDataParallel under torchrun
     num_epochs = math.ceil(total_steps / per_epoch)
     for epoch in range(num_epochs):
         set_loader_epoch(loader, epoch_offset + epoch)
@@ -186,7 +188,7 @@ def train(
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = model(images)
+                logits = network(images)
                 loss = nn.functional.cross_entropy(logits.float(), labels)
                 extra = hooks.extra_loss(model, loss)
                 total = loss if extra is None else loss + extra

@@ -84,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_common(run, "a config field, e.g. --set compression.reg=0.001")
     run.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train on N processes (one per GPU; DDP, NCCL on GPUs, Gloo on CPUs)",
+    )
+    run.add_argument(
         "--fresh",
         action="store_true",
         help="start over even if this experiment finished (its MLflow run is kept)",
@@ -129,13 +136,48 @@ def _browse_hint(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
 
 
-def run_command(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace, argv: list[str]) -> int:
+    from pwf_core.distributed import init_from_environment, is_main
     from pwf_core.preflight import preflight
 
     config = load_config(args.config, parse_override_strings(args.overrides))
     artifacts = check_artifacts_dir(args.artifacts or "artifacts")
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc: must be at least 1, got {args.nproc}")
+    distributed = init_from_environment()
+    if distributed and not is_main():
+        from pwf_flows.distributed import follow
+
+        follow(config)  # rank 0 checked the input and runs the flow; follow its lead
+        return 0
     preflight(config)
     _check_tracking(config.name)
+    if args.nproc > 1 and not distributed:
+        from pwf_flows.distributed import relaunch
+
+        return relaunch(_without_nproc(argv), args.nproc)
+    try:
+        return _run(config, artifacts, args)
+    finally:
+        if distributed:
+            from pwf_flows.distributed import lead
+
+            lead("done")
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            kept.append(item)
+    return kept
+
+
+def _run(config, artifacts: str, args: argparse.Namespace) -> int:
     from pwf_flows.artifacts import ExperimentFiles
     from pwf_flows.results import finished_result
     from pwf_flows.server import prefect_api
@@ -244,10 +286,11 @@ def _quiet_prefect() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
-            return run_command(args)
+            return run_command(args, argv)
         return sweep_command(args)
     except KeyboardInterrupt:
         _quiet_prefect()

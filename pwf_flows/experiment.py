@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from pwf_core.config import (
     parse_config,
 )
 from pwf_core.data import ImageDataset, load_dataset
+from pwf_core.distributed import world_size
 from pwf_core.export import save_compressed
 from pwf_core.methods.base import Step
 from pwf_core.methods.gbnn2d.sharing import mixture_snapshot, sharing_of
@@ -42,6 +44,7 @@ from pwf_core.metrics import predict_log_probs, reliability_bins
 from pwf_core.pretrain import build_experiment_model, model_spec, pretrain
 from pwf_core.registry import create_method
 from pwf_flows.artifacts import ExperimentFiles, pretrain_key, run_key
+from pwf_flows.distributed import lead, share_state
 from pwf_flows.plots import accuracy_vs_unique_values, gaussian_scatter, reliability_diagram
 from pwf_flows.results import finished_result
 from pwf_flows.tracking import RunTracker, standard_tags, tracked_run, tracking_uri
@@ -78,7 +81,9 @@ def _dataset(data: DataConfig) -> ImageDataset:
     return load_dataset(data)
 
 
-def _compression(config: ExperimentConfig, progress: bool) -> Compression:
+def _compression(
+    config: ExperimentConfig, progress: bool, log: Callable[[str], None] | None
+) -> Compression:
     """A fresh (unconverted) model for ``config`` with its loaders, ready to restore into."""
     dataset = _dataset(config.data)
     device = config.resolved_device()
@@ -95,7 +100,7 @@ def _compression(config: ExperimentConfig, progress: bool) -> Compression:
         train=config.train,
         seed=config.seed,
         progress=progress,
-        log=get_run_logger().info,
+        log=log,
         mc_samples=config.eval.mc_samples,
     )
 
@@ -114,7 +119,7 @@ def _remember(path: Path, run: Compression) -> None:
 def _resume(config: ExperimentConfig, path: Path, progress: bool) -> Compression:
     run = _live.pop(str(path), None)
     if run is None:
-        run = _compression(config, progress)
+        run = _compression(config, progress, get_run_logger().info)
         run.restore(path)
     run.context.log = get_run_logger().info  # this task's logger, not the one that built it
     return run
@@ -133,6 +138,7 @@ def pretrain_task(config: dict[str, Any], artifacts_dir: str, progress: bool = T
         return {"path": str(path), "cached": True, "test_acc": acc, "seconds": 0.0}
     dataset = _dataset(cfg.data)
     model = build_experiment_model(cfg, dataset)
+    lead("pretrain")  # other ranks (pwf run --nproc) train in lockstep
     result = pretrain(model, dataset, cfg, cfg.resolved_device(), progress, log=logger.info)
     header = {
         "test_metrics": result.test_metrics,
@@ -159,9 +165,10 @@ def prepare_task(
     """Convert conv/linear layers to (mu, sigma) and initialise them for the method."""
     cfg = parse_config(config)
     files = ExperimentFiles.for_config(cfg, artifacts_dir)
-    run = _compression(cfg, progress)
+    run = _compression(cfg, progress, get_run_logger().info)
     load_checkpoint(Path(pretrained["path"]), run.model)
     report = run.convert()
+    share_state(run)
     run.save(files.init, {"conversion": report.summary()})
     _remember(files.init, run)
     get_run_logger().info(report.summary())
@@ -193,6 +200,8 @@ def step_task(
     cfg = parse_config(config)
     files = ExperimentFiles.for_config(cfg, artifacts_dir)
     run = _resume(cfg, Path(previous["path"]), progress)
+    share_state(run)
+    lead("step", index)
     record = run.run_step(index)
     path = files.step(index)
     run.save(path, _step_header(record.step, record.metrics, record.table))
@@ -433,6 +442,9 @@ def _experiment(
                 | ({"prefect.flow_run_url": flow_run.ui_url} if flow_run.ui_url else {})
             )
         logger.info("MLflow run %s: %s", tracker.run_id, tracker.url)
+        if world_size() > 1:
+            logger.info("training on %d processes (DDP); rank 0 fixes and logs", world_size())
+            tracker.set_tags({"distributed.world_size": world_size()})
         tracker.log_params(flatten_config(cfg))
         compute_s = 0.0  # time in pwf_core (training, fixing, evaluation), not orchestration
         finished = files.finished_steps(len(plan), warn=logger.warning)

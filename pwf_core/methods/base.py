@@ -40,6 +40,7 @@ from pwf_core.bayes import (
     to_bayesian,
 )
 from pwf_core.config import TrainConfig
+from pwf_core.distributed import broadcast_run_state, is_main
 from pwf_core.metrics import evaluate, weight_sharing_metrics
 from pwf_core.registry import MethodConfig
 from pwf_core.train import TrainingHooks, train
@@ -257,6 +258,11 @@ class Method(TrainingHooks, ABC):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`state_dict` returned."""
 
+    def synchronise(self, model: nn.Module) -> None:
+        """Under ``torchrun``: make every rank's model and state rank 0's (after rank 0 alone
+        changed them, and after training, whose norm statistics differ between ranks)."""
+        broadcast_run_state(model, self)
+
 
 @dataclass
 class FlatWeights:
@@ -342,9 +348,12 @@ class FixingMethod(Method):
             log=ctx.log,
         )
         start = time.perf_counter()
-        weights = FlatWeights.gather(model)
-        summary = self.fix(weights, fixed_target(step.fraction, len(weights)), step.index)
-        weights.scatter_(model)
+        summary = pd.DataFrame(columns=SUMMARY_COLUMNS)
+        if is_main():  # one rank decides the fixing; the others receive it
+            weights = FlatWeights.gather(model)
+            summary = self.fix(weights, fixed_target(step.fraction, len(weights)), step.index)
+            weights.scatter_(model)
+        self.synchronise(model)
         fix_seconds = time.perf_counter() - start
         metrics = {**ctx.evaluate(model), **weight_sharing_metrics(model), **self.step_metrics()}
         metrics |= {

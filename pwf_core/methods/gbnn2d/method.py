@@ -38,6 +38,7 @@ from torch import nn
 from pwf_core._seeding import derive_seed, seed_everything
 from pwf_core.bayes import bayesian_params, set_sampling
 from pwf_core.config import NonNegativeFloat, OptimConfig, PositiveFloat, PositiveInt
+from pwf_core.distributed import is_main
 from pwf_core.methods.base import Method, Step, StepContext, StepRecord
 from pwf_core.methods.gbnn2d.gaussians import (
     fitted_gaussians,
@@ -262,17 +263,19 @@ class TwoDGBNN(Method):
             trained = self._train(model, step, ctx, self.config.bnn_lr, self.config.bnn_sigma_lr)
             metrics |= {"train/loss": trained.mean_loss, "time/train_s": trained.seconds}
         elif step.stage == "mixture":
-            self.build_mixture(model)
+            if is_main():  # rank 0's points and gradients decide; the others receive it
+                self.build_mixture(model)
         else:
             sharing = sharing_of(model)
             sharing.reset_gradients()
             self._stage = "vi"
             trained = self._train(model, step, ctx, self.config.vi_lr, self.config.vi_lr)
             metrics |= {"train/loss": trained.mean_loss, "time/train_s": trained.seconds}
-            if step.number < step.of:
+            if step.number < step.of and is_main():
                 points = weight_points(model).to(sharing.means.device)
                 metrics["bnn/merged"] = float(sharing.merge(points, self.merge_rule))
                 sharing.assign_blends(points)
+        self.synchronise(model)
         samples = self.config.step_samples
         measured = time.perf_counter()
         metrics |= ctx.evaluate(model, mc_samples=samples, average="logits")
