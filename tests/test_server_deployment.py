@@ -197,6 +197,12 @@ def test_readme_server_commands_run_a_sweep_on_workers(tmp_path):
         assert all(run["info"]["status"] == "FINISHED" for run in runs)
         assert {t["sweep.trial"] for t in children} == {"0", "1"}
 
+        stack.run(
+            'prefect deployment schedule create pwf/ablation-regulariser --cron "0 2 * * 6" '
+            "--timezone UTC"
+        )
+        schedules = stack.run("prefect deployment schedule ls pwf/ablation-regulariser")
+        assert "0 2 * * 6" in schedules
         stack.start(
             "mlflow-ui",
             "mlflow ui --backend-store-uri sqlite:///mlruns.db --host 127.0.0.1 --port 5001",
