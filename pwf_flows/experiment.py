@@ -22,7 +22,7 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run
+from prefect.runtime import flow_run, task_run
 
 from pwf_core import Compression
 from pwf_core._files import atomic_path, is_complete_safetensors, write_text_atomic
@@ -295,13 +295,12 @@ def evaluate_task(
 
 def _log_pretraining(tracker: RunTracker, pretrained: dict) -> None:
     header = read_checkpoint_header(Path(pretrained["path"]))
-    for epoch, loss in enumerate(header["epoch_losses"], start=1):
-        tracker.log_metrics({"pretrain/loss": loss}, step=epoch)
-    for epoch, acc in enumerate(header["val_acc"], start=1):
-        tracker.log_metrics({"pretrain/val_acc": acc}, step=epoch)
-    tracker.log_metrics(
-        {f"pretrain/test_{k.split('/')[-1]}": v for k, v in header["test_metrics"].items()}
-    )
+    curves = [("pretrain/loss", v, e) for e, v in enumerate(header["epoch_losses"], start=1)]
+    curves += [("pretrain/val_acc", v, e) for e, v in enumerate(header["val_acc"], start=1)]
+    curves += [
+        (f"pretrain/test_{k.split('/')[-1]}", v, 0) for k, v in header["test_metrics"].items()
+    ]
+    tracker.log_series(curves)
     tracker.set_tags({"pretrain.cached": pretrained["cached"], "pretrain.path": pretrained["path"]})
 
 
@@ -440,6 +439,7 @@ def _experiment(
             tracker.set_tags(
                 {"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name}
                 | ({"prefect.flow_run_url": flow_run.ui_url} if flow_run.ui_url else {})
+                | ({"prefect.task_run_id": task_run.id} if task_run.id else {})
             )
         logger.info("MLflow run %s: %s", tracker.run_id, tracker.url)
         if world_size() > 1:

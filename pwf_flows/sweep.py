@@ -36,7 +36,8 @@ from mlflow.tracking import MlflowClient
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.samplers import BaseSampler, GridSampler, NSGAIISampler, RandomSampler, TPESampler
 from optuna.trial import FrozenTrial, TrialState
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
@@ -95,6 +96,17 @@ def open_study(spec: SweepSpec) -> optuna.Study:
     with quiet_optuna():
         study.set_metric_names([OBJECTIVES[name].label for name in spec.study.objectives])
     return study
+
+
+@task(name="trial", cache_policy=NO_CACHE, task_run_name="{run_name}")
+def trial_task(parameters: dict[str, Any], run_name: str) -> dict[str, Any]:
+    """An in-process trial: the experiment flow's body, its tasks nested under this one.
+
+    A subflow per trial would cost about half a second of Prefect bookkeeping each (a flow
+    run created, its states, its logs); a task named after the trial shows the same in the
+    sweep's flow run. Trials on a work pool are flow runs of ``pwf-experiment/gpu``.
+    """
+    return pwf_experiment.fn(**parameters)
 
 
 def trials_in(study: optuna.Study, *states: TrialState) -> list[FrozenTrial]:
@@ -281,7 +293,8 @@ class Driver:
                     trial.params,
                 )
                 try:
-                    result = pwf_experiment(**self.parameters(trial.number, trial.params, config))
+                    parameters = self.parameters(trial.number, trial.params, config)
+                    result = trial_task(parameters, parameters["run_name"])
                 except Exception as err:  # a failed trial is recorded, the sweep goes on
                     heartbeats.release(trial._trial_id)
                     self.fail(trial.number, repr(err))

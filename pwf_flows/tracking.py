@@ -186,8 +186,12 @@ class RunTracker:
         return {m.step for m in self.client.get_metric_history(self.run_id, key)}
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        self.log_series([(key, value, step) for key, value in metrics.items()])
+
+    def log_series(self, points: list[tuple[str, float, int]]) -> None:
+        """Log ``(key, value, step)`` points in as few calls as MLflow allows (curves)."""
         now = int(time.time() * 1000)
-        entries = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        entries = [Metric(key, float(value), now, step) for key, value, step in points]
         for start in range(0, len(entries), MAX_BATCH):
             self.client.log_batch(self.run_id, metrics=entries[start : start + MAX_BATCH])
 
