@@ -15,6 +15,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+from prefect.client.orchestration import get_client
 
 from pwf_flows.cli import main as pwf_main
 from pwf_flows.sweep import importances, objective_values, pwf, sampler_for, tell
@@ -141,6 +142,10 @@ def test_three_trial_sweep(prefect_server, mlflow_store, tmp_path, capsys):
         assert f"reg={trial.params['compression.reg']:.3g}" in child.info.run_name
         final = child.data.metrics
         assert trial.values == [final["final/cls/acc"], final["final/ws/unique_values"]]
+        with get_client(sync_client=True) as prefect:  # MLflow -> the trial's task run
+            task_run = prefect.read_task_run(child.data.tags["prefect.task_run_id"])
+        assert task_run.name == child.info.run_name
+        assert str(task_run.flow_run_id) == child.data.tags["prefect.flow_run_id"]
     table = pd.read_parquet(tmp_path / "artifacts" / "sweeps" / "tiny" / "trials.parquet")
     assert len(table) == 3
     assert {"param.compression.reg", "param.compression.b", "mlflow_run_id"} <= set(table)
