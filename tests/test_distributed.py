@@ -12,12 +12,11 @@ import torch
 import torch.multiprocessing as mp
 from mlflow.tracking import MlflowClient
 
-from pwf_core import Compression
 from pwf_core._files import load_tensors, save_tensors
 from pwf_core.config import load_config
 from pwf_core.data import TensorLoader
 from pwf_core.pretrain import build_experiment_model
-from tests._dummies.distributed import run_rank
+from tests._dummies.distributed import digits_compression, run_rank
 from tests.conftest import DEFAULT_CONFIG
 from tests.test_server_deployment import free_port
 
@@ -60,15 +59,7 @@ def test_two_ranks_hold_identical_models_and_match_one_process(
     config = load_config(DEFAULT_CONFIG)
     model = build_experiment_model(config, digits)
     model.load_state_dict(pretrained_state[0])
-    single = Compression(
-        model,
-        METHODS[name],
-        digits.loader("train", 64, shuffle=True, seed=1),
-        eval_loader=digits.loader("test", 512),
-        train={"epochs": 1},
-        seed=0,
-        progress=False,
-    )
+    single = digits_compression(model, METHODS[name], digits)
     single.convert()
     for step in single.steps:
         single.run_step(step)

@@ -18,6 +18,19 @@ from pwf_core.pretrain import build_experiment_model
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def digits_compression(model: torch.nn.Module, method: dict, dataset) -> Compression:
+    """The run both sides of the comparison make: one epoch per step, seeded loaders."""
+    return Compression(
+        model,
+        method,
+        dataset.loader("train", 64, shuffle=True, seed=1),
+        eval_loader=dataset.loader("test", 512),
+        train={"epochs": 1},
+        seed=0,
+        progress=False,
+    )
+
+
 def run_rank(rank: int, world: int, folder: str, port: int, method: dict) -> None:
     """One rank: join the group, run every step, write its state after each and its metrics."""
     os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
@@ -29,15 +42,7 @@ def run_rank(rank: int, world: int, folder: str, port: int, method: dict) -> Non
         dataset = load_dataset(config.data)
         model = build_experiment_model(config, dataset)
         model.load_state_dict(load_tensors(out / "pretrained.safetensors"))
-        run = Compression(
-            model,
-            method,
-            dataset.loader("train", 64, shuffle=True, seed=1),
-            eval_loader=dataset.loader("test", 512),
-            train={"epochs": 1},
-            seed=0,
-            progress=False,
-        )
+        run = digits_compression(model, method, dataset)
         run.convert()
         for step in run.steps:
             record = run.run_step(step)
