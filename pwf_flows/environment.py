@@ -32,6 +32,14 @@ def configure_environment(workdir: Path | None = None) -> None:
         "MLFLOW_TRACKING_URI": default_tracking_uri(workdir),
         "HF_HUB_OFFLINE": "1",
         "TQDM_MININTERVAL": "1",
+        # Outages are waited out by pwf's own retries (pwf_flows.infra, execution.
+        # infra_timeout_s); MLflow's client would otherwise sit 255 s in its own backoff on
+        # every call before pwf saw the error.
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+        # Prefect's client retries with 2, 4, 8, ... s between tries: nine tries span 17
+        # minutes, more than the default 10-minute outage budget (Prefect's default five: 1).
+        "PREFECT_CLIENT_MAX_RETRIES": "9",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

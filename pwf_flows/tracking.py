@@ -8,14 +8,15 @@ inside it, the run ends FINISHED, FAILED or KILLED, never RUNNING.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
@@ -25,13 +26,41 @@ from sqlalchemy.engine import make_url
 
 from pwf_core._files import file_lock
 from pwf_flows.errors import TrackingError
+from pwf_flows.infra import TrackingUnavailable, is_interrupt, retry_transient
 
+T = TypeVar("T")
 MAX_BATCH = 900  # MLflow accepts at most 1000 entities per log_batch call
 LOCAL_UI = "http://127.0.0.1:5000"
+INTERRUPTED_STATUS_WAIT_S = 5.0
 
 
 def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
+
+
+def shown_uri(uri: str | None = None) -> str:
+    """The tracking URI as pwf prints it: a password in it is masked."""
+    uri = uri or tracking_uri()
+    try:
+        parsed = make_url(uri) if "://" in uri and not uri.startswith("http") else None
+    except Exception:  # not a database URL: an HTTP one, handled below
+        parsed = None
+    if parsed is not None:
+        return parsed.render_as_string(hide_password=True)
+    scheme, sep, rest = uri.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in credentials:
+        return uri
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
+
+
+def retried(call: Callable[[], T], what: str = "call") -> T:
+    """``call()`` with outages of the tracking store waited out (see :mod:`pwf_flows.infra`).
+
+    Raises:
+        TrackingUnavailable: once an outage outlasted the process's budget.
+    """
+    return retry_transient(call, f"MLflow at {shown_uri()} ({what})", TrackingUnavailable)
 
 
 @contextmanager
@@ -56,7 +85,8 @@ def sqlite_creation_lock(uri: str) -> Iterator[None]:
 def _client_for(uri: str) -> MlflowClient:
     with sqlite_creation_lock(uri):
         client = MlflowClient(uri)
-        client.search_experiments(max_results=1)  # creates the tables while the lock is held
+        # Creates the tables (a SQLite store) while the lock is held.
+        retried(lambda: client.search_experiments(max_results=1), "connect")
     return client
 
 
@@ -86,12 +116,12 @@ def experiment_id(mlflow_client: MlflowClient, name: str) -> str:
     Raises:
         TrackingError: when the experiment exists but was deleted (it sits in the trash).
     """
-    existing = mlflow_client.get_experiment_by_name(name)
+    existing = retried(lambda: mlflow_client.get_experiment_by_name(name), "experiment")
     if existing is None:
         try:
-            return mlflow_client.create_experiment(name)
+            return retried(lambda: mlflow_client.create_experiment(name), "create experiment")
         except MlflowException:
-            existing = mlflow_client.get_experiment_by_name(name)
+            existing = retried(lambda: mlflow_client.get_experiment_by_name(name), "experiment")
             if existing is None:
                 raise
     if existing.lifecycle_stage == "deleted":
@@ -158,52 +188,89 @@ class RunTracker:
         if resume_run_id:
             run = find_run(experiment, resume_run_id)
             if run is not None and run.info.experiment_id == eid:
-                mlflow_client.update_run(resume_run_id, status="RUNNING", name=run_name)
                 tracker = cls(resume_run_id, eid, mlflow_client)
+                tracker.rename(run_name, status="RUNNING")
                 tracker.set_tags(all_tags)
                 return tracker
-        run = mlflow_client.create_run(eid, tags=all_tags, run_name=run_name)
+        run = retried(
+            lambda: mlflow_client.create_run(eid, tags=all_tags, run_name=run_name), "create run"
+        )
         return cls(run.info.run_id, eid, mlflow_client)
+
+    @classmethod
+    def reopened(cls, experiment: str, run_id: str) -> RunTracker:
+        """A tracker for an existing run, its status left as it is."""
+        mlflow_client = client()
+        return cls(run_id, experiment_id(mlflow_client, experiment), mlflow_client)
 
     @property
     def url(self) -> str:
         return run_url(self.experiment_id, self.run_id)
 
+    def _call(self, what: str, method, *args, **kwargs):
+        return retried(lambda: method(*args, **kwargs), what)
+
+    def rename(self, run_name: str, status: str | None = None) -> None:
+        """Give the run ``run_name`` (and ``status``): a retried trial has a new number."""
+        self._call("update run", self.client.update_run, self.run_id, status=status, name=run_name)
+
     def logged_params(self) -> dict[str, str]:
-        return self.client.get_run(self.run_id).data.params
+        return self._call("read run", self.client.get_run, self.run_id).data.params
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log parameters not yet logged (MLflow params are write-once)."""
         present = self.logged_params()
         entries = [Param(k, str(v)) for k, v in params.items() if k not in present]
         for start in range(0, len(entries), MAX_BATCH):
-            self.client.log_batch(self.run_id, params=entries[start : start + MAX_BATCH])
+            batch = entries[start : start + MAX_BATCH]
+            self._call("log params", self.client.log_batch, self.run_id, params=batch)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        entries = [RunTag(k, str(v)) for k, v in tags.items()]
+        self._call("set tags", self.client.log_batch, self.run_id, tags=entries)
 
     def logged_steps(self, key: str) -> set[int]:
-        return {m.step for m in self.client.get_metric_history(self.run_id, key)}
+        history = self._call("read metrics", self.client.get_metric_history, self.run_id, key)
+        return {m.step for m in history}
+
+    def logged_metrics(self) -> dict[str, float]:
+        """The latest value of every metric of the run."""
+        return dict(self._call("read run", self.client.get_run, self.run_id).data.metrics)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         self.log_series([(key, value, step) for key, value in metrics.items()])
 
     def log_series(self, points: list[tuple[str, float, int]]) -> None:
-        """Log ``(key, value, step)`` points in as few calls as MLflow allows (curves)."""
+        """Log ``(key, value, step)`` points in as few calls as MLflow allows (curves).
+
+        A batch is retried whole after an outage; MLflow's store drops a metric point equal
+        to one it holds (same key, step, timestamp and value), so a batch that was written
+        before the connection broke is not logged twice.
+        """
         now = int(time.time() * 1000)
         entries = [Metric(key, float(value), now, step) for key, value, step in points]
         for start in range(0, len(entries), MAX_BATCH):
-            self.client.log_batch(self.run_id, metrics=entries[start : start + MAX_BATCH])
+            batch = entries[start : start + MAX_BATCH]
+            self._call("log metrics", self.client.log_batch, self.run_id, metrics=batch)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._call("log artifact", self.client.log_artifact, self.run_id, str(path), artifact_path)
 
     def status(self) -> str:
-        return self.client.get_run(self.run_id).info.status
+        return self._call("read run", self.client.get_run, self.run_id).info.status
 
-    def finish(self, status: str = "FINISHED") -> None:
-        """Mark the run ``FINISHED``, ``FAILED`` or ``KILLED`` (what was logged stays)."""
-        self.client.set_terminated(self.run_id, status=status)
+    def finish(self, status: str = "FINISHED", timeout_s: float | None = None) -> None:
+        """Mark the run ``FINISHED``, ``FAILED`` or ``KILLED`` (what was logged stays).
+
+        Args:
+            timeout_s: How long to wait out an outage (default: the process's budget).
+        """
+        retry_transient(
+            lambda: self.client.set_terminated(self.run_id, status=status),
+            f"MLflow at {shown_uri()} (end run)",
+            TrackingUnavailable,
+            timeout_s,
+        )
 
 
 @contextmanager
@@ -216,25 +283,38 @@ def tracked_run(
 ) -> Iterator[RunTracker]:
     """Open (or reopen) a run and close it with the status the block earned.
 
-    FINISHED when the block returns, KILLED on Ctrl-C, FAILED on any other exception (which is
-    re-raised).
+    FINISHED when the block returns, KILLED on Ctrl-C or SIGTERM, FAILED on any other exception
+    (which is re-raised). An interrupted command must end within seconds, so its status gets a
+    short wait; when the tracking server itself stayed away, the run is left RUNNING and the
+    rerun that continues it closes it.
     """
     tracker = RunTracker.open(experiment, run_name, tags, parent_run_id, resume_run_id)
     try:
         yield tracker
-    except KeyboardInterrupt:
-        tracker.finish("KILLED")
+    except TrackingUnavailable:
         raise
-    except BaseException:
-        tracker.finish("FAILED")
+    except BaseException as err:
+        if is_interrupt(err):
+            with contextlib.suppress(TrackingUnavailable):
+                tracker.finish("KILLED", timeout_s=INTERRUPTED_STATUS_WAIT_S)
+        else:
+            tracker.finish("FAILED")
         raise
     tracker.finish("FINISHED")
 
 
 def find_run(experiment: str, run_id: str) -> Any | None:
-    """The run ``run_id`` if it is in the store and not deleted."""
+    """The run ``run_id`` if it is in the store and not deleted.
+
+    Only "no such run" means no run: an outage is waited out (and raises
+    :class:`~pwf_flows.infra.TrackingUnavailable` past its budget), so a store that is down
+    for a moment never makes pwf start a second run.
+    """
+    mlflow_client = client()
     try:
-        run = client().get_run(run_id)
-    except MlflowException:
-        return None
+        run = retried(lambda: mlflow_client.get_run(run_id), "read run")
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
     return None if run.info.lifecycle_stage == "deleted" else run

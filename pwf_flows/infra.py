@@ -1,0 +1,247 @@
+"""Infrastructure faults: what counts as one, how long to wait it out, and how it ends.
+
+A shared cluster's tracking server, study database or Prefect API can be down for a while (a
+restart, a failover, a full connection pool). Such an error says nothing about the trial that
+met it, so pwf retries the call with exponential backoff for ``infra_timeout_s`` (10 minutes by
+default) instead of recording a failed trial; only when the outage outlasts that does the
+command stop, with one ``pwf:`` line and an exit code of its own, and the same command continues
+where it stopped once the service is back.
+
+Exit codes of the ``pwf`` command (also in the README):
+
+=====  ============================================================================
+0      done
+1      an unexpected error (a bug: the traceback is printed)
+2      bad input, or the experiment is already running in another process
+3      the MLflow tracking server is unreachable
+4      the Prefect API is unreachable
+5      the Optuna study database is unreachable
+6      no space left on the artifacts disk
+130    interrupted (Ctrl-C)
+143    terminated (SIGTERM)
+=====  ============================================================================
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+
+DEFAULT_INFRA_TIMEOUT_S = 600.0
+START_TIMEOUT_S = 30.0  # how long a command waits for a service at its start
+_BACKOFF_FIRST_S = 1.0
+_BACKOFF_MAX_S = 30.0
+
+_logger = logging.getLogger("pwf.infra")
+_timeout_s = DEFAULT_INFRA_TIMEOUT_S
+
+
+class InfraUnavailable(RuntimeError):
+    """A service pwf depends on stayed unreachable for longer than it was allowed to.
+
+    Args:
+        message: One line naming the service and its address (credentials masked).
+    """
+
+    exit_code = 1
+    service = "a service"
+
+
+class TrackingUnavailable(InfraUnavailable):
+    exit_code = 3
+    service = "the MLflow tracking server"
+
+
+class PrefectUnavailable(InfraUnavailable):
+    exit_code = 4
+    service = "the Prefect API"
+
+
+class StudyStorageUnavailable(InfraUnavailable):
+    exit_code = 5
+    service = "the Optuna study database"
+
+
+class DiskFull(RuntimeError):
+    """No space left under the artifacts folder (the run resumes once space is freed)."""
+
+    exit_code = 6
+
+
+def infra_timeout_s() -> float:
+    """How long calls wait out an outage before giving up (see :func:`set_infra_timeout`)."""
+    return _timeout_s
+
+
+def set_infra_timeout(timeout_s: float) -> None:
+    """Set how long this process waits out an outage (a command sets it from its config)."""
+    global _timeout_s
+    _timeout_s = float(timeout_s)
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+_TRANSIENT_TEXT = (
+    "failed with exception",  # MLflow's REST client: the request never got an answer
+    "connection refused",
+    "connection reset",
+    "could not connect",
+    "server closed the connection",
+    "terminating connection",
+    "database is locked",
+    "timed out",
+    "temporarily unavailable",
+    "max retries exceeded",
+)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` (or anything in its cause chain) is an outage rather than a result.
+
+    Outages: refused or dropped connections and timeouts (socket, urllib3/requests, httpx),
+    HTTP 429/5xx answers, SQLAlchemy's ``OperationalError``/``InterfaceError`` (the database
+    went away, a lock timed out) and Optuna's ``StorageInternalError`` caused by one.
+    """
+    for item in _chain(error):
+        name = type(item).__name__
+        module = type(item).__module__
+        if isinstance(item, (ConnectionError, TimeoutError)):
+            return True
+        if name in {"OperationalError", "InterfaceError", "DisconnectionError"} and (
+            module.startswith(("sqlalchemy", "psycopg", "sqlite3"))
+        ):
+            return True
+        if module.startswith(("requests", "urllib3", "httpx", "httpcore")) and any(
+            word in name for word in ("Connect", "Timeout", "Protocol", "RemoteDisconnected")
+        ):
+            return True
+        status = getattr(getattr(item, "response", None), "status_code", None)
+        if isinstance(status, int) and (status == 429 or status >= 500):
+            return True
+        text = str(item).lower()
+        if module.startswith("mlflow") and (
+            any(word in text for word in _TRANSIENT_TEXT)
+            or any(f"error code {code}" in text for code in (429, 500, 502, 503, 504))
+        ):
+            return True
+        if module.startswith("optuna") and any(word in text for word in _TRANSIENT_TEXT):
+            return True
+    return False
+
+
+def is_interrupt(error: BaseException) -> bool:
+    """Ctrl-C, or SIGTERM: pwf's own handler raises a ``KeyboardInterrupt``; inside a flow run
+    Prefect's handler raises its ``TerminationSignal`` first (matched by name, so that this
+    module imports nothing of Prefect's)."""
+    return isinstance(error, KeyboardInterrupt) or any(
+        cls.__name__ == "TerminationSignal" for cls in type(error).__mro__
+    )
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` comes from a full disk (``ENOSPC``, or a library's message of it)."""
+    for item in _chain(error):
+        if isinstance(item, OSError) and item.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "no space left on device" in str(item).lower():
+            return True
+    return False
+
+
+def retry_transient(
+    call: Callable[[], T],
+    what: str,
+    unavailable: type[InfraUnavailable],
+    timeout_s: float | None = None,
+) -> T:
+    """Run ``call``, retrying outages with exponential backoff (1 s, 2 s, ... 30 s).
+
+    Args:
+        call: The operation; it must be safe to repeat after a failed attempt.
+        what: The service and its address, for the log and the final error.
+        unavailable: The error raised when the outage outlasts ``timeout_s``.
+        timeout_s: How long to keep trying (default: :func:`infra_timeout_s`).
+
+    Raises:
+        InfraUnavailable: ``unavailable``, once the outage lasted longer than ``timeout_s``.
+        Exception: whatever ``call`` raised that is not an outage, unchanged.
+    """
+    budget = infra_timeout_s() if timeout_s is None else timeout_s
+    started = time.monotonic()
+    delay = _BACKOFF_FIRST_S
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except Exception as err:
+            if not is_transient(err):
+                raise
+            waited = time.monotonic() - started
+            if waited >= budget:
+                raise unavailable(
+                    f"{what} has been unreachable for {waited:.0f} s ({_first_line(err)}); "
+                    "rerun the same command once it is back"
+                ) from err
+            attempt += 1
+            if attempt == 1 or attempt % 5 == 0:
+                _logger.warning(
+                    "%s is unreachable (%s); retrying for up to %.0f s more",
+                    what,
+                    _first_line(err),
+                    budget - waited,
+                )
+            time.sleep(min(delay, max(budget - waited, 0.1)))
+            delay = min(delay * 2, _BACKOFF_MAX_S)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    first = text[0] if text else type(error).__name__
+    return first if len(first) <= 160 else first[:157] + "..."
+
+
+def wait_for_http(
+    url: str,
+    what: str,
+    unavailable: type[InfraUnavailable],
+    timeout_s: float = START_TIMEOUT_S,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Wait until ``url`` answers (any HTTP status below 500), at most ``timeout_s``.
+
+    Raises:
+        InfraUnavailable: ``unavailable``, naming ``what``, when nothing answered in time.
+    """
+    deadline = time.monotonic() + timeout_s
+    request = urllib.request.Request(url, headers=headers or {})
+    last = "no answer"
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=5):
+                return
+        except urllib.error.HTTPError as err:
+            if err.code < 500:
+                return  # it answers (a 401 without credentials still proves it is up)
+            last = f"HTTP {err.code}"
+        except OSError as err:
+            last = str(getattr(err, "reason", err))
+        if time.monotonic() >= deadline:
+            raise unavailable(
+                f"{what} did not answer in {timeout_s:.0f} s ({last}); start it, or point pwf "
+                "at another one"
+            )
+        time.sleep(1.0)
