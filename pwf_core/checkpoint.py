@@ -9,18 +9,64 @@ from the seed and its own position and builds a fresh optimiser.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from pwf_core._files import CheckpointError, load_tensors, read_metadata, save_tensors
+from pwf_core.bayes import conversion_report, to_bayesian
 from pwf_core.methods.base import Method
 
 _METHOD_PREFIX = "method."
 _HEADER_KEY = "pwf"
 
-__all__ = ["CheckpointError", "load_checkpoint", "read_checkpoint_header", "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointSize",
+    "checkpoint_size",
+    "load_checkpoint",
+    "read_checkpoint_header",
+    "save_checkpoint",
+]
+
+
+@dataclass(frozen=True)
+class CheckpointSize:
+    """What a run's files weigh, before the run.
+
+    Args:
+        plain_bytes: The unconverted model's state (the pretrained model, and at most the
+            compressed one).
+        checkpoint_bytes: One checkpoint of the converted model with its method's state.
+    """
+
+    plain_bytes: int
+    checkpoint_bytes: int
+
+
+def _state_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def checkpoint_size(build: Callable[[], nn.Module], method: Method) -> CheckpointSize:
+    """Sizes of a run's files for the model ``build()`` makes, without allocating it.
+
+    The model is built and converted on PyTorch's meta device (shapes and dtypes only), so a
+    ResNet-50 costs no memory here.
+    """
+    try:
+        with torch.device("meta"):
+            model = build()
+    except (RuntimeError, NotImplementedError):  # an init that needs real values
+        model = build()
+    plain = _state_bytes(model)
+    to_bayesian(model, attrs=method.converted)
+    converted = conversion_report(model).num_converted
+    return CheckpointSize(plain, _state_bytes(model) + method.state_bytes(converted))
 
 
 def save_checkpoint(

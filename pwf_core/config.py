@@ -192,6 +192,23 @@ class EvalConfig(_Section):
     mc_samples: NonNegativeInt = 8
 
 
+class ExecutionConfig(_Section):
+    """How a run is carried out. Nothing here changes a result, so it is not part of the
+    experiment's key: a run continued with other execution settings is the same experiment.
+
+    Args:
+        keep_checkpoints: Keep every step's checkpoint. By default only the last finished
+            step's is kept (all a resume needs); each new one is written whole before the
+            previous one is removed.
+        infra_timeout_s: How long an outage of the tracking server, the study database or the
+            Prefect API is waited out (retried with backoff) before the run stops; the same
+            command then continues it.
+    """
+
+    keep_checkpoints: bool = False
+    infra_timeout_s: PositiveFloat = 600.0
+
+
 class ExperimentConfig(_Section):
     """Everything one pwf experiment depends on.
 
@@ -214,6 +231,7 @@ class ExperimentConfig(_Section):
         default_factory=lambda: config_class(DEFAULT_METHOD)()
     )
     eval: EvalConfig = EvalConfig()
+    execution: ExecutionConfig = ExecutionConfig()
 
     @field_validator("name")
     @classmethod

@@ -26,7 +26,9 @@ from pathlib import Path
 
 import pwf_core
 from pwf_core._files import is_complete_safetensors
-from pwf_core.config import ExperimentConfig, config_hash
+from pwf_core.checkpoint import CheckpointSize
+from pwf_core.config import ExperimentConfig, config_hash, config_to_dict
+from pwf_core.registry import create_method
 
 
 @cache
@@ -46,8 +48,9 @@ def pretrain_key(config: ExperimentConfig) -> str:
 
 
 def run_key(config: ExperimentConfig) -> str:
-    """What determines a whole experiment: the full config and the code."""
-    return config_hash(config, code_version())
+    """What determines a whole experiment: the config (but how it is executed) and the code."""
+    values = {k: v for k, v in config_to_dict(config).items() if k != "execution"}
+    return config_hash(values, code_version())
 
 
 @dataclass(frozen=True)
@@ -89,26 +92,126 @@ class ExperimentFiles:
     def summary(self) -> Path:
         return self.final / "summary.json"
 
+    @property
+    def lock_folder(self) -> Path:
+        """Where the one-process-per-experiment lock lives (see :mod:`pwf_flows.run_lock`)."""
+        return self.root
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """``(step number, path)`` of every step checkpoint on disk, in step order."""
+        found = []
+        for path in self.root.glob("step_*.safetensors"):
+            number = path.name.removeprefix("step_").removesuffix(".safetensors")
+            if number.isdigit():
+                found.append((int(number), path))
+        return sorted(found)
+
     def finished_steps(self, num_steps: int, warn: Callable[[str], None] | None = None) -> int:
-        """How many leading steps have a whole checkpoint (a resumed run starts after them).
+        """How many steps are done: the number of the newest whole step checkpoint.
 
         A checkpoint that is not whole (a disk that filled up, a copy cut short) is moved
-        aside as ``*.corrupt``, with ``warn`` told, and the run resumes before it.
+        aside as ``*.corrupt``, with ``warn`` told, and the run resumes from the one before it
+        (which is still there: a new checkpoint is complete before the old one goes).
         """
-        done = 0
-        while done < num_steps and self.step(done).is_file():
-            path = self.step(done)
-            if not is_complete_safetensors(path):
-                path.replace(path.with_name(path.name + ".corrupt"))
-                if warn is not None:
-                    where = f"step {done}" if done else "the start"
-                    warn(
-                        f"checkpoint {path.name} is incomplete; moved aside, resuming after {where}"
-                    )
-                break
-            done += 1
-        return done
+        for number, path in reversed(self.checkpoints()):
+            if number > num_steps:
+                continue
+            if is_complete_safetensors(path):
+                return number
+            path.replace(path.with_name(path.name + ".corrupt"))
+            if warn is not None:
+                warn(f"checkpoint {path.name} is incomplete; moved aside, resuming before it")
+        return 0
 
-    def clear(self) -> None:
-        """Remove this experiment's files (its MLflow run is left as it is)."""
-        shutil.rmtree(self.root, ignore_errors=True)
+    def resume_point(self, finished: int) -> Path:
+        """The checkpoint a run with ``finished`` steps done continues from."""
+        return self.step(finished - 1) if finished else self.init
+
+    def prune(self, finished: int) -> None:
+        """Remove the checkpoints a run with ``finished`` steps done no longer needs: every
+        step before the last one, and the converted model before the first step."""
+        if finished == 0:
+            return
+        self.init.unlink(missing_ok=True)
+        for number, path in self.checkpoints():
+            if number < finished:
+                path.unlink(missing_ok=True)
+
+    def clear_outputs(self) -> None:
+        """Remove this experiment's files but its lock (its MLflow run is left as it is)."""
+        if not self.root.is_dir():
+            return
+        for path in self.root.iterdir():
+            if path.name in ("run.lock", "run.owner"):
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    """What a run will put on the artifacts disk, against what is free there.
+
+    Args:
+        folder: The artifacts folder (or its nearest existing parent).
+        needed: Bytes the run may hold at its peak.
+        free: Bytes free on that disk now.
+        detail: How ``needed`` adds up, for a person.
+    """
+
+    folder: Path
+    needed: int
+    free: int
+    detail: str
+
+    @property
+    def fits(self) -> bool:
+        return self.needed <= self.free
+
+
+def _existing(folder: Path) -> Path:
+    while not folder.exists():
+        folder = folder.parent
+    return folder
+
+
+def human_bytes(count: float) -> str:
+    """``1.2 GB``, ``340 MB``, ``56 kB``: decimal units, as ``df -H`` shows them."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(count) < 1000 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
+
+
+DISK_MARGIN = 2 * 2**20  # tables, plots, the config and the lock: small, but not nothing
+
+
+def disk_plan(
+    config: ExperimentConfig, size: CheckpointSize, artifacts_dir: str | Path, runs: int = 1
+) -> DiskPlan:
+    """The disk ``runs`` experiments like ``config`` need under ``artifacts_dir``.
+
+    Each keeps its newest checkpoint, and holds two for a moment (the new one is whole before
+    the old one goes), or every step's with ``execution.keep_checkpoints``; plus its compressed
+    model (at most the float model's size) and, unless cached, the pretrained model.
+    """
+    files = ExperimentFiles.for_config(config, artifacts_dir)
+    steps = len(create_method(config.compression).plan())
+    copies = steps + 1 if config.execution.keep_checkpoints else 2
+    pretrained = 0 if is_complete_safetensors(files.pretrained_model) else size.plain_bytes
+    per_run = copies * size.checkpoint_bytes + size.plain_bytes + DISK_MARGIN
+    needed = pretrained + runs * per_run
+    folder = _existing(Path(artifacts_dir).resolve())
+    checkpoint = human_bytes(size.checkpoint_bytes)
+    if config.execution.keep_checkpoints:
+        kept = f"every step's checkpoint ({copies} of {checkpoint})"
+    else:
+        kept = f"the newest checkpoint ({checkpoint}; two while the next one is written)"
+    detail = (
+        f"{kept}, the compressed model{' and the pretrained one' if pretrained else ''}"
+        + (f"; for {runs} runs" if runs > 1 else "")
+    )
+    return DiskPlan(folder, needed, shutil.disk_usage(folder).free, detail)

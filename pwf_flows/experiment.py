@@ -45,8 +45,10 @@ from pwf_core.pretrain import build_experiment_model, model_spec, pretrain
 from pwf_core.registry import create_method
 from pwf_flows.artifacts import ExperimentFiles, pretrain_key, run_key
 from pwf_flows.distributed import lead, share_state
+from pwf_flows.infra import set_infra_timeout
 from pwf_flows.plots import accuracy_vs_unique_values, gaussian_scatter, reliability_diagram
 from pwf_flows.results import finished_result
+from pwf_flows.run_lock import exclusive_run
 from pwf_flows.tracking import RunTracker, standard_tags, tracked_run, tracking_uri
 from pwf_flows.trials import owned_trial
 
@@ -175,7 +177,7 @@ def prepare_task(
     return {"path": str(files.init), "converted": report.num_converted, "left": report.num_left}
 
 
-def _step_header(step: Step, metrics: dict[str, float], table: pd.DataFrame) -> dict:
+def _step_entry(step: Step, metrics: dict[str, float], table: pd.DataFrame) -> dict:
     return {
         "step": step.index,
         "stage": step.stage,
@@ -185,6 +187,15 @@ def _step_header(step: Step, metrics: dict[str, float], table: pd.DataFrame) -> 
         "metrics": metrics,
         "table": json.loads(table.to_json(orient="records")) if not table.empty else [],
     }
+
+
+def step_history(path: Path) -> list[dict]:
+    """What every step up to the checkpoint at ``path`` recorded, in order.
+
+    Each step checkpoint carries the whole history in its header, so the last one alone is
+    enough to resume, to rebuild the tables and to log what a crash kept from MLflow.
+    """
+    return read_checkpoint_header(path).get("history", [])
 
 
 @task(name="step", cache_policy=NO_CACHE, task_run_name="{label}")
@@ -202,10 +213,14 @@ def step_task(
     run = _resume(cfg, Path(previous["path"]), progress)
     share_state(run)
     lead("step", index)
+    history = step_history(Path(previous["path"]))
     record = run.run_step(index)
     path = files.step(index)
-    run.save(path, _step_header(record.step, record.metrics, record.table))
+    entry = _step_entry(record.step, record.metrics, record.table)
+    run.save(path, {**entry, "history": [*history, entry]})
     _remember(path, run)
+    if not cfg.execution.keep_checkpoints:
+        files.prune(index + 1)  # only after the new checkpoint is whole on disk
     return {"path": str(path), "label": label, "metrics": record.metrics}
 
 
@@ -231,8 +246,7 @@ def evaluate_task(
         config=config_to_dict(cfg),
     )
     metrics |= export.as_metrics()
-    plan = run.steps
-    headers = [read_checkpoint_header(files.step(step.index)) for step in plan]
+    headers = step_history(Path(last_step["path"]))
     steps = pd.DataFrame(
         [
             {
@@ -302,6 +316,15 @@ def _log_pretraining(tracker: RunTracker, pretrained: dict) -> None:
     ]
     tracker.log_series(curves)
     tracker.set_tags({"pretrain.cached": pretrained["cached"], "pretrain.path": pretrained["path"]})
+
+
+def _log_missing_steps(tracker: RunTracker, history: list[dict]) -> None:
+    """Log the steps a crash kept from MLflow (it can fall between a checkpoint and its log);
+    a step that is already there is not logged again."""
+    for entry in history:
+        metrics = entry["metrics"]
+        if metrics and entry["step"] + 1 not in tracker.logged_steps(next(iter(metrics))):
+            tracker.log_metrics(metrics, step=entry["step"] + 1)
 
 
 def _pretrained_acc(files: ExperimentFiles) -> float | None:
@@ -402,14 +425,36 @@ def _experiment(
     fresh: bool,
     source: str,
 ) -> dict[str, Any]:
-    values = config_to_dict(cfg)
+    set_infra_timeout(cfg.execution.infra_timeout_s)
     files = ExperimentFiles.for_config(cfg, artifacts_dir)
+    with exclusive_run(files.lock_folder, f"'{cfg.name}' ({files.root})"):
+        return _experiment_held(
+            cfg, files, artifacts_dir, parent_run_id, progress, tags, run_name, fresh, source
+        )
+
+
+def _experiment_held(
+    cfg: ExperimentConfig,
+    files: ExperimentFiles,
+    artifacts_dir: str,
+    parent_run_id: str | None,
+    progress: bool,
+    tags: dict[str, str] | None,
+    run_name: str | None,
+    fresh: bool,
+    source: str,
+) -> dict[str, Any]:
+    values = config_to_dict(cfg)
     logger = get_run_logger()
     name = run_name or default_run_name(cfg)
     if fresh:
-        files.clear()
+        files.clear_outputs()
     done = finished_result(cfg, files)
     if done is not None:
+        if tags:  # a retried sweep trial: its run now answers to the trial's new number
+            tracker = RunTracker.reopened(cfg.name, done["run_id"])
+            tracker.rename(name)
+            tracker.set_tags(tags)
         logger.info(
             "experiment already complete, nothing changed: MLflow run %s (%s), artifacts %s; "
             "ask for a fresh run to start over",
@@ -448,27 +493,28 @@ def _experiment(
         tracker.log_params(flatten_config(cfg))
         compute_s = 0.0  # time in pwf_core (training, fixing, evaluation), not orchestration
         finished = files.finished_steps(len(plan), warn=logger.warning)
+        history: list[dict] = []
+        # Prefect links a task's inputs to the tasks whose results they are by the ids of the
+        # results' parts; holding every result keeps a freed id from being reused by a later
+        # object and linking a task to the wrong upstream one.
+        results: list[dict] = []
         if finished == 0 and not is_complete_safetensors(files.init):
             pretrained = pretrain_task(values, artifacts_dir, progress)
             compute_s += pretrained["seconds"]
             _log_pretraining(tracker, pretrained)
             previous = prepare_task(values, pretrained, artifacts_dir, progress)
+            results += [pretrained, previous]
         else:
-            previous = {"path": str(files.step(finished - 1) if finished else files.init)}
+            previous = {"path": str(files.resume_point(finished))}
             if finished:
-                logger.info(
-                    "resuming %s at %s (MLflow run %s)", files.root, plan[finished], tracker.run_id
-                )
-                tracker.set_tags(
-                    {"resumed_at": str(plan[finished])} if finished < len(plan) else {}
-                )
-        logged = tracker.logged_steps("ws/fixed_fraction")
-        rows = []
-        for step in plan[:finished]:
-            metrics = read_checkpoint_header(files.step(step.index))["metrics"]
-            rows.append({"label": str(step), **metrics})
-            if step.index + 1 not in logged:  # a crash can fall between checkpoint and log
-                tracker.log_metrics(metrics, step=step.index + 1)
+                history = step_history(files.step(finished - 1))
+                if not cfg.execution.keep_checkpoints:
+                    files.prune(finished)  # a crash may have come before the old one went
+                where = str(plan[finished]) if finished < len(plan) else "the final evaluation"
+                logger.info("resuming %s at %s (MLflow run %s)", files.root, where, tracker.run_id)
+                tracker.set_tags({"resumed_at": where})
+        rows = [{"label": str(plan[entry["step"]]), **entry["metrics"]} for entry in history]
+        _log_missing_steps(tracker, history)
         for step in plan[finished:]:
             previous = step_task(
                 values,
@@ -478,6 +524,7 @@ def _experiment(
                 str(step).replace("/", " of "),
                 progress,
             )
+            results.append(previous)
             metrics = previous["metrics"]
             tracker.log_metrics(metrics, step=step.index + 1)
             rows.append({"label": str(step), **metrics})

@@ -255,6 +255,12 @@ class Method(TrainingHooks, ABC):
         """Tensors the method carries between steps (e.g. k-means centroids)."""
         return {}
 
+    def state_bytes(self, num_converted: int) -> int:
+        """Most bytes :meth:`state_dict` and any structure the method attaches to the model
+        add to a checkpoint of a network with ``num_converted`` converted values (for the
+        disk a run needs, before it starts)."""
+        return 0
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`state_dict` returned."""
 
