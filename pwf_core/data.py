@@ -78,6 +78,11 @@ class TensorLoader:
         """Samples this process sees per epoch (every rank the same number)."""
         return len(self.labels) // self.world
 
+    @property
+    def dataset_size(self) -> int:
+        """Samples in the whole split, over every rank."""
+        return len(self.labels)
+
     def __len__(self) -> int:
         return -(-self.num_samples // self.batch_size)
 
@@ -157,6 +162,11 @@ class FolderLoader:
     def num_samples(self) -> int:
         if self.sampler is not None:
             return self.sampler.num_samples
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    @property
+    def dataset_size(self) -> int:
+        """Samples in the whole split, over every rank."""
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __len__(self) -> int:

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from pwf_core._files import load_tensors, save_tensors
 from pwf_core.config import load_config
 from pwf_core.data import TensorLoader
+from pwf_core.methods.gbnn2d.method import dataset_size
 from pwf_core.pretrain import build_experiment_model
 from tests._dummies.distributed import digits_compression, run_rank
 from tests.conftest import DEFAULT_CONFIG
@@ -55,6 +56,8 @@ def test_two_ranks_hold_identical_models_and_match_one_process(
             assert torch.equal(state0[key], state1[key]), (rank0.name, key)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert results[0]["final"] == results[1]["final"]
+    # The ELBO's KL is divided by the whole training set on every rank, not by its shard.
+    assert [r["kl_examples"] for r in results] == [len(digits.train.labels)] * 2
 
     config = load_config(DEFAULT_CONFIG)
     model = build_experiment_model(config, digits)
@@ -64,6 +67,7 @@ def test_two_ranks_hold_identical_models_and_match_one_process(
     for step in single.steps:
         single.run_step(step)
     alone = single.finalize()
+    assert dataset_size(single.context.train_loader) == results[0]["kl_examples"]
     together = results[0]["final"]
     # Two ranks see half the batches each (twice the effective batch): the same model up to
     # training noise. Stated tolerance: top-1 within 2 points, NLL within 0.05.
@@ -105,4 +109,5 @@ def test_pwf_run_on_two_processes(prefect_server, mlflow_store, tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("two-ranks").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["distributed.world_size"] == "2"
     assert run.data.metrics["final/ws/fixed_fraction"] == 1.0
-    assert len(list((tmp_path / "a").glob("experiments/two-ranks/*/step_*.safetensors"))) == 2
+    # Only the newest checkpoint is kept.
+    assert len(list((tmp_path / "a").glob("experiments/two-ranks/*/step_*.safetensors"))) == 1

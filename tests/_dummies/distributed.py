@@ -13,6 +13,7 @@ from pwf_core import Compression
 from pwf_core._files import load_tensors, save_tensors
 from pwf_core.config import load_config
 from pwf_core.data import load_dataset
+from pwf_core.methods.gbnn2d.method import dataset_size
 from pwf_core.pretrain import build_experiment_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,6 +49,9 @@ def run_rank(rank: int, world: int, folder: str, port: int, method: dict) -> Non
             record = run.run_step(step)
             save_tensors(out / f"rank{rank}_step{step.index}.safetensors", model.state_dict())
         final = run.finalize()
-        (out / f"rank{rank}.json").write_text(json.dumps({"final": final, "last": record.metrics}))
+        kl_examples = dataset_size(run.context.train_loader)  # the N of 2DGBNN's KL / N
+        (out / f"rank{rank}.json").write_text(
+            json.dumps({"final": final, "last": record.metrics, "kl_examples": kl_examples})
+        )
     finally:
         dist.destroy_process_group()

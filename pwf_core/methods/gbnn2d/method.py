@@ -38,7 +38,7 @@ from torch import nn
 from pwf_core._seeding import derive_seed, seed_everything
 from pwf_core.bayes import bayesian_params, set_sampling
 from pwf_core.config import NonNegativeFloat, OptimConfig, PositiveFloat, PositiveInt
-from pwf_core.distributed import is_main
+from pwf_core.distributed import is_main, world_size
 from pwf_core.methods.base import Method, Step, StepContext, StepRecord
 from pwf_core.methods.gbnn2d.gaussians import (
     fitted_gaussians,
@@ -116,15 +116,22 @@ class TwoDGBNNConfig(MethodConfig):
 
 
 def dataset_size(loader) -> int:
-    """Training examples behind ``loader`` (for the KL's ``1 / N_train``)."""
-    for owner in (loader, getattr(loader, "dataset", None)):
-        for attribute in ("num_samples",):
-            if owner is not None and isinstance(getattr(owner, attribute, None), int):
-                return getattr(owner, attribute)
+    """Examples in the whole training set behind ``loader`` (the KL's ``1 / N_train``).
+
+    The whole set, however many data-parallel ranks share it: each rank's ELBO is its batch's
+    mean NLL plus ``KL / N``, and DDP averages the ranks' gradients, so ``N`` must not be one
+    rank's share (that would make the prior ``world_size`` times too strong). pwf's loaders
+    know the size (``dataset_size``), a ``DataLoader`` has its ``dataset`` (whole, also under a
+    ``DistributedSampler``); any other iterable is counted, and under DDP taken to be one
+    rank's shard of the set.
+    """
+    size = getattr(loader, "dataset_size", None)
+    if isinstance(size, int):
+        return size
     dataset = getattr(loader, "dataset", None)
     if dataset is not None:
         return len(dataset)
-    return sum(len(targets) for _, targets in loader)
+    return world_size() * sum(len(targets) for _, targets in loader)
 
 
 @register_method
@@ -169,6 +176,11 @@ class TwoDGBNN(Method):
         if self.grad_magnitude is not None:
             state["grad_magnitude"] = self.grad_magnitude
         return state
+
+    def state_bytes(self, num_converted: int) -> int:
+        # prior_mu and grad_magnitude (float32) and the shared Gaussians' member index (int64)
+        # per weight; the Gaussians, blends and outliers are a small share on top.
+        return 20 * num_converted
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.prior_mu = state.get("prior_mu")
