@@ -7,15 +7,20 @@ server runs for the length of the command.
 
 Everything that can be checked is checked before Prefect starts, before an MLflow run exists
 and before the artifacts folder is written: the config or sweep file, the dataset files, the
-weights, the device, and that the model runs on the data. Bad input ends in one ``pwf: ...``
-line and exit code 2; Ctrl-C in one line and exit code 130.
+weights, the device, that the model runs on the data, that the servers answer and that the
+disk has room. Bad input ends in one ``pwf: ...`` line and exit code 2; a service that stays
+away, or a full disk, in one line and an exit code of its own (:mod:`pwf_flows.infra`); Ctrl-C
+and SIGTERM in one line and exit codes 130 and 143, with the MLflow run marked KILLED. After any
+of these the same command continues where the run stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import logging
 import os
+import signal
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -31,11 +36,24 @@ from pwf_core.config import (
 )
 from pwf_core.data import DatasetError
 from pwf_flows.errors import ServerError, TrackingError
+from pwf_flows.infra import (
+    DiskFull,
+    InfraUnavailable,
+    PrefectUnavailable,
+    StudyStorageUnavailable,
+    TrackingUnavailable,
+    is_disk_full,
+    retry_transient,
+    set_infra_timeout,
+    wait_for_http,
+)
+from pwf_flows.run_lock import ExperimentBusy
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 SIZE_KNOBS = {
     "pwfn": "compression.b (smallest power of two 2^-b: lower b, fewer values) and "
     "compression.max_order",
@@ -95,6 +113,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start over even if this experiment finished (its MLflow run is kept)",
     )
+    run.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep every step's checkpoint (default: the newest, all a resume needs)",
+    )
     sweep = commands.add_parser("sweep", help="run or continue an Optuna sweep (the pwf flow)")
     sweep.add_argument("sweep", type=Path, help="sweep YAML, e.g. sweeps/full-sweep.yaml")
     _add_common(sweep, "a sweep field, e.g. --set study.n_trials=4")
@@ -119,15 +142,99 @@ def check_artifacts_dir(path: str) -> str:
     return path
 
 
+def _check_servers() -> None:
+    """The tracking server and the Prefect API (when pwf does not start its own) must answer
+    within 30 s: exit 3 or 4, naming the one that does not."""
+    from pwf_flows.tracking import shown_uri, tracking_uri
+
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        wait_for_http(
+            f"{uri.rstrip('/')}/health",
+            f"the MLflow tracking server {shown_uri(uri)}",
+            TrackingUnavailable,
+        )
+    _check_prefect()
+
+
 def _check_tracking(experiment: str) -> None:
-    """Fail early when MLflow cannot take runs for ``experiment`` (e.g. it was deleted)."""
-    from pwf_flows.tracking import client
+    """Fail early when MLflow cannot take runs for ``experiment`` (it was deleted)."""
+    from pwf_flows.tracking import client, experiment_id
 
     existing = client().get_experiment_by_name(experiment)
     if existing is not None and existing.lifecycle_stage == "deleted":
-        from pwf_flows.tracking import experiment_id
-
         experiment_id(client(), experiment)  # raises the explanation
+
+
+def _check_prefect() -> None:
+    """With ``PREFECT_API_URL`` set, the Prefect server must answer within 30 s (exit 4)."""
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        return  # pwf starts a temporary server of its own
+    headers = {}
+    auth = os.environ.get("PREFECT_API_AUTH_STRING")
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    wait_for_http(
+        f"{url.rstrip('/')}/health", f"the Prefect API {url}", PrefectUnavailable, headers=headers
+    )
+
+
+def _check_storage(url: str) -> None:
+    """The study database must answer within 30 s (exit 5, naming it with the password
+    masked)."""
+    import sqlalchemy
+
+    from pwf_flows.sweep_spec import masked_url
+
+    if url.startswith("sqlite"):
+        return  # a file: nothing to reach
+    engine = sqlalchemy.create_engine(url, pool_pre_ping=True)
+    try:
+
+        def connect() -> None:
+            with engine.connect():
+                pass
+
+        retry_transient(
+            connect, f"the study database {masked_url(url)}", StudyStorageUnavailable, 30.0
+        )
+    finally:
+        engine.dispose()
+
+
+def _check_disk(config, artifacts: str, runs: int = 1) -> None:
+    """Say how much disk the run needs; refuse (exit 6) when the folder has less free."""
+    from pwf_core.checkpoint import checkpoint_size
+    from pwf_core.data import load_dataset
+    from pwf_core.pretrain import model_spec
+    from pwf_core.registry import create_method
+    from pwf_flows.artifacts import disk_plan, human_bytes
+
+    spec = model_spec(config, load_dataset(config.data))
+    size = checkpoint_size(spec.build, create_method(config.compression))
+    plan = disk_plan(config, size, artifacts, runs)
+    needs = f"about {human_bytes(plan.needed)} under {plan.folder} ({plan.detail})"
+    if not plan.fits:
+        raise DiskFull(
+            f"the run needs {needs}, but only {human_bytes(plan.free)} is free there; free "
+            "space or choose another folder with --artifacts"
+        )
+    print(f"disk: needs {needs}; {human_bytes(plan.free)} free", file=sys.stderr)
+
+
+def _check_not_running(config, artifacts: str) -> None:
+    """Refuse (exit 2) when another live process computes the same experiment."""
+    from pwf_flows.artifacts import ExperimentFiles
+    from pwf_flows.run_lock import owner_of
+
+    files = ExperimentFiles.for_config(config, artifacts)
+    owner = owner_of(files.lock_folder)
+    if owner is not None:
+        raise ExperimentBusy(
+            f"experiment '{config.name}' ({files.root}) is already running in {owner}; wait "
+            "for it to finish, or stop it first (a rerun continues where it stopped)"
+        )
 
 
 def _browse_hint(tracking_uri: str) -> str:
@@ -140,8 +247,13 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> int:
     from pwf_core.distributed import init_from_environment, is_main
     from pwf_core.preflight import preflight
 
-    config = load_config(args.config, parse_override_strings(args.overrides))
+    overrides = parse_override_strings(args.overrides)
+    if args.keep_checkpoints:
+        overrides["execution.keep_checkpoints"] = True
+    config = load_config(args.config, overrides)
     artifacts = check_artifacts_dir(args.artifacts or "artifacts")
+    args.artifacts_folder = artifacts
+    set_infra_timeout(config.execution.infra_timeout_s)
     if args.nproc < 1:
         raise ConfigError(f"--nproc: must be at least 1, got {args.nproc}")
     distributed = init_from_environment()
@@ -151,6 +263,10 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> int:
         follow(config)  # rank 0 checked the input and runs the flow; follow its lead
         return 0
     preflight(config)
+    _check_not_running(config, artifacts)
+    _check_servers()
+    if args.fresh or not _finished(config, artifacts):
+        _check_disk(config, artifacts)
     _check_tracking(config.name)
     if args.nproc > 1 and not distributed:
         from pwf_flows.distributed import relaunch
@@ -177,10 +293,18 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return kept
 
 
+def _finished(config, artifacts: str) -> bool:
+    from pwf_flows.artifacts import ExperimentFiles
+    from pwf_flows.results import finished_result
+
+    return finished_result(config, ExperimentFiles.for_config(config, artifacts)) is not None
+
+
 def _run(config, artifacts: str, args: argparse.Namespace) -> int:
     from pwf_flows.artifacts import ExperimentFiles
     from pwf_flows.results import finished_result
     from pwf_flows.server import prefect_api
+    from pwf_flows.tracking import shown_uri
 
     started = time.perf_counter()
     files = ExperimentFiles.for_config(config, artifacts)
@@ -189,6 +313,7 @@ def _run(config, artifacts: str, args: argparse.Namespace) -> int:
         with prefect_api():
             from pwf_flows.experiment import pwf_experiment  # Prefect reads the server URL now
 
+            _no_tracebacks_for_expected_failures()
             result = pwf_experiment(
                 config=config_to_dict(config),
                 artifacts_dir=artifacts,
@@ -206,9 +331,9 @@ def _run(config, artifacts: str, args: argparse.Namespace) -> int:
         + (f"  fewer or more values: turn {knob}\n" if knob else "")
         + f"  artifacts:  {result['artifacts']}\n"
         f"  MLflow run: {result['run_id']} in experiment '{result['experiment']}' "
-        f"({result['tracking_uri']})\n"
+        f"({shown_uri(result['tracking_uri'])})\n"
         f"  run page:   {result['url']}\n"
-        f"  browse:     {_browse_hint(result['tracking_uri'])}"
+        f"  browse:     {_browse_hint(shown_uri(result['tracking_uri']))}"
     )
     return 0
 
@@ -235,7 +360,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     if args.artifacts:
         overrides["execution.artifacts_dir"] = check_artifacts_dir(args.artifacts)
     spec = load_sweep(args.sweep, overrides)
-    check_artifacts_dir(spec.execution.artifacts_dir)
+    args.artifacts_folder = check_artifacts_dir(spec.execution.artifacts_dir)
     if args.report:
         from pwf_flows.sweep import pareto_report  # imports Optuna: after validation
 
@@ -250,6 +375,10 @@ def sweep_command(args: argparse.Namespace) -> int:
         print(f"study '{spec.name}' ({where}): {len(table)} complete trials")
         print(table.to_string(index=False) if not table.empty else "(no complete trial)")
         return 0
+    set_infra_timeout(spec.infra_timeout_s)
+    _check_servers()
+    _check_storage(spec.study.resolved_storage())
+    _check_disk(spec.trial_config({}), spec.execution.artifacts_dir, runs=spec.n_trials)
     _check_tracking(spec.name)
     from pwf_flows.server import prefect_api
 
@@ -257,10 +386,14 @@ def sweep_command(args: argparse.Namespace) -> int:
     with prefect_api():
         from pwf_flows.sweep import pwf  # Prefect reads the server URL now
 
+        _no_tracebacks_for_expected_failures()
         result = pwf(sweep=str(args.sweep), overrides=overrides, progress=not args.no_progress)
     timing = result["timing"]
+    verb = f"finished in {time.perf_counter() - started:.0f} s"
+    if result.get("already_complete"):
+        verb = "was already complete (nothing changed; raise study.n_trials to continue it)"
     print(
-        f"\npwf sweep finished in {time.perf_counter() - started:.0f} s: "
+        f"\npwf sweep {verb}: "
         f"{result['complete_trials']} complete trials in study '{result['study']}'\n"
         f"  orchestration overhead: {timing['sweep/orchestration_s']:.0f} s of "
         f"{timing['sweep/wall_s']:.0f} s (training, fixing and evaluation: "
@@ -285,20 +418,94 @@ def _quiet_prefect() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+def _expected(error: BaseException | None) -> bool:
+    """A failure that ends in one ``pwf:`` line (and its rerun), not in a bug report."""
+    expected = (KeyboardInterrupt, InfraUnavailable, DiskFull, ExperimentBusy, ConfigError)
+    return error is not None and (isinstance(error, expected) or is_disk_full(error))
+
+
+class _ExpectedFailureFilter(logging.Filter):
+    """Prefect's engine logs a failed task or flow with its traceback; for an expected failure
+    (a full disk, a server that stayed away, the experiment busy) the log line stays, the
+    traceback goes: the command's last line says what happened and what to do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and _expected(record.exc_info[1]):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _no_tracebacks_for_expected_failures() -> None:
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if not any(isinstance(f, _ExpectedFailureFilter) for f in handler.filters):
+                handler.addFilter(_ExpectedFailureFilter())
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what Kubernetes, Slurm and ``kill`` send), handled like Ctrl-C: every layer
+    that closes a run on an interrupt (Prefect's engine, the MLflow run, the temporary server)
+    does so for this too."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    # The shutdown that follows is not interrupted again: a scheduler's SIGKILL after its
+    # grace period is what ends a shutdown that hangs.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated
+
+
+def _disk_message(err: BaseException, where: str) -> str:
+    return (
+        f"no space left on the disk of {where} ({one_line(str(err))}); free space there and "
+        "run the same command to continue"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if args.command == "run":
             return run_command(args, argv)
         return sweep_command(args)
+    except Terminated:
+        _quiet_prefect()
+        print("\npwf: terminated; rerun the same command to continue", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         _quiet_prefect()
         print("\npwf: interrupted; rerun the same command to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ConfigError, DatasetError, CheckpointError, TrackingError, ServerError) as err:
+    except (
+        ConfigError,
+        DatasetError,
+        CheckpointError,
+        TrackingError,
+        ServerError,
+        ExperimentBusy,
+    ) as err:
         print(f"pwf: {one_line(str(err))}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except InfraUnavailable as err:
+        _quiet_prefect()
+        print(f"pwf: {one_line(str(err))}", file=sys.stderr)
+        return err.exit_code
+    except DiskFull as err:
+        print(f"pwf: {one_line(str(err))}", file=sys.stderr)
+        return DiskFull.exit_code
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        _quiet_prefect()
+        print(
+            f"pwf: {_disk_message(err, args.artifacts or 'the artifacts folder')}", file=sys.stderr
+        )
+        return DiskFull.exit_code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,13 @@
 Without ``PREFECT_API_URL`` Prefect would start its own temporary server in a child process
 that outlives a SIGKILLed parent (about 200 MB, still listening). pwf starts the same server
 (Prefect's app under uvicorn, UI off) with the Linux parent-death signal set, so the kernel
-stops it whenever the command ends, however it ends. Starts are serialised by a lock file, so
-two commands on a fresh ``PREFECT_HOME`` do not migrate its database at the same time.
+stops it whenever the command ends, however it ends. The server is the command's to stop: it
+runs in a session of its own with SIGTERM blocked, so a SIGTERM to the command's process group
+or to every process of a job (what batch schedulers and ``systemctl stop`` send) reaches the
+command, which marks its runs KILLED through the still-listening server and then stops it with
+SIGINT, instead of retrying for a minute against a server that died first. Starts are
+serialised by a lock file, so two commands on a fresh ``PREFECT_HOME`` do not migrate its
+database at the same time.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pwf_core._files import file_lock
 from pwf_flows.errors import ServerError
 
 PR_SET_PDEATHSIG = 1
+DRAIN_TIMEOUT_S = 3.0  # per queue; an interrupted command must end within seconds
 
 
 def _free_port() -> int:
@@ -35,9 +41,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _die_with_parent(parent: int) -> None:
+def _server_child(parent: int) -> None:
+    """In the server's process, before it starts: die with the parent, ignore SIGTERM.
+
+    A blocked signal stays blocked through ``exec`` and uvicorn's handlers (they do not touch
+    the mask), so only the parent's SIGINT or its death ends the server.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
 
@@ -59,7 +71,7 @@ def _drain_prefect_clients() -> None:
     from prefect.logging.handlers import APILogHandler, APILogWorker
 
     for worker in (APILogWorker, EventsWorker):
-        worker.drain_all(timeout=10)
+        worker.drain_all(timeout=DRAIN_TIMEOUT_S)
     for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
         if isinstance(logger, logging.Logger):
             for handler in [h for h in logger.handlers if isinstance(h, APILogHandler)]:
@@ -118,7 +130,8 @@ def prefect_api() -> Iterator[str]:
             },
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=lambda: _die_with_parent(parent),
+            start_new_session=True,
+            preexec_fn=lambda: _server_child(parent),
         )
         deadline = time.monotonic() + timeout
         while not _healthy(url):
@@ -138,9 +151,9 @@ def prefect_api() -> Iterator[str]:
     finally:
         _drain_prefect_clients()
         del os.environ["PREFECT_API_URL"]
-        process.terminate()
+        process.send_signal(signal.SIGINT)
         try:
-            process.wait(timeout=10)
+            process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()

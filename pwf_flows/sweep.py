@@ -47,11 +47,12 @@ from pwf_core._files import atomic_path, file_lock, write_text_atomic
 from pwf_core._seeding import derive_seed
 from pwf_core.config import ExperimentConfig, config_to_dict
 from pwf_flows.experiment import pwf_experiment
+from pwf_flows.infra import InfraUnavailable, is_interrupt, set_infra_timeout
 from pwf_flows.plots import bar_chart, pareto_front
 from pwf_flows.sweep_spec import OBJECTIVES, SweepSpec, dump_spec, load_sweep, masked_url
-from pwf_flows.tracking import RunTracker, experiment_id, find_run, tracked_run
+from pwf_flows.tracking import RunTracker, experiment_id, find_run, retried, tracked_run
 from pwf_flows.tracking import client as mlflow_client
-from pwf_flows.trials import Heartbeats, quiet_optuna, storage_for
+from pwf_flows.trials import Heartbeats, fail_stale, quiet_optuna, requeue, storage_for
 
 TRIAL_TAG = "sweep.trial"
 POLL_SECONDS = 2.0
@@ -66,6 +67,19 @@ MAX_RETRIES = 3
 DROP_TOLERANCE = 0.01  # "smallest unique count at <= 1 point drop"
 
 
+class SweepGridSampler(GridSampler):
+    """Optuna's grid sampler for ask-and-tell: it does not stop the study.
+
+    ``GridSampler`` stops the study from ``after_trial`` once the grid is used up, and
+    ``Study.stop`` raises outside ``optimize``: the ``tell`` of the last grid point crashed the
+    sweep. The driver decides when a sweep is done (``n_trials`` complete trials), so there is
+    nothing to stop.
+    """
+
+    def after_trial(self, study, trial, state, values) -> None:  # type: ignore[override]
+        return None
+
+
 def sampler_for(spec: SweepSpec, trials_so_far: int) -> BaseSampler:
     """The spec's sampler, seeded from the study seed and how many trials the study holds.
 
@@ -74,7 +88,7 @@ def sampler_for(spec: SweepSpec, trials_so_far: int) -> BaseSampler:
     """
     seed = derive_seed(spec.study.seed, "sampler", trials_so_far)
     if spec.sampler == "grid":
-        return GridSampler(spec.grid(), seed=seed)
+        return SweepGridSampler(spec.grid(), seed=seed)
     if spec.sampler == "nsga2":
         return NSGAIISampler(seed=seed)
     if spec.sampler == "random":
@@ -164,15 +178,6 @@ def _duplicate_of(study: optuna.Study, trial: optuna.Trial) -> int | None:
     return None
 
 
-def _fail_stale(study: optuna.Study) -> list[int]:
-    """Fail (and queue again) the trials whose owner's heartbeat stopped."""
-    before = {t.number for t in trials_in(study, TrialState.RUNNING)}
-    with quiet_optuna():
-        optuna.storages.fail_stale_trials(study)
-    after = {t.number for t in trials_in(study, TrialState.RUNNING)}
-    return sorted(before - after)
-
-
 class Driver:
     """One sweep process: asks, runs (here or on a pool), tells, and reports progress."""
 
@@ -184,6 +189,11 @@ class Driver:
         self.compute_s = 0.0
         self.failures = 0
         self.skipped = 0
+        self.heartbeats: Heartbeats | None = None
+
+    def fail_stale(self) -> list[int]:
+        """Fail and queue again the trials of drivers or workers that died (never ours)."""
+        return fail_stale(self.study, self.heartbeats.owned() if self.heartbeats else set())
 
     def counts(self) -> tuple[int, int]:
         complete = len(trials_in(self.study, TrialState.COMPLETE))
@@ -261,7 +271,7 @@ class Driver:
 
     def wait_for_others(self, deadline: float | None) -> bool:
         """Sleep while other drivers' trials fill the study; ``False`` once it is done."""
-        requeued = _fail_stale(self.study)
+        requeued = self.fail_stale()
         if requeued:
             self.logger.info("trials %s lost their owner: failed and queued again", requeued)
             return True
@@ -274,10 +284,17 @@ class Driver:
         return complete < self.spec.n_trials
 
     def run_in_process(self, deadline: float | None) -> None:
-        """Trials one after another in this process."""
+        """Trials one after another in this process.
+
+        A trial that meets an outage waits it out (the calls inside it retry), so no new
+        settings are asked meanwhile. One that the outage outlasts, or that a Ctrl-C or SIGTERM
+        stops, is queued again with the same parameters before the driver stops: the same
+        command later runs it first, and its experiment resumes from its checkpoints.
+        """
         with Heartbeats(self.study, self.spec.study.heartbeat_s) as heartbeats:
+            self.heartbeats = heartbeats
             while deadline is None or time.time() < deadline:
-                _fail_stale(self.study)
+                self.fail_stale()
                 asked = self.next_trial(heartbeats)
                 if asked is None:
                     if not self.wait_for_others(deadline):
@@ -295,9 +312,15 @@ class Driver:
                 try:
                     parameters = self.parameters(trial.number, trial.params, config)
                     result = trial_task(parameters, parameters["run_name"])
-                except Exception as err:  # a failed trial is recorded, the sweep goes on
+                except BaseException as err:
                     heartbeats.release(trial._trial_id)
-                    self.fail(trial.number, repr(err))
+                    if isinstance(err, InfraUnavailable) or is_interrupt(err):
+                        with contextlib.suppress(InfraUnavailable):
+                            requeue(self.study, trial.number)
+                        raise
+                    if not isinstance(err, Exception):
+                        raise
+                    self.fail(trial.number, repr(err))  # recorded; the sweep goes on
                     continue
                 heartbeats.release(trial._trial_id)
                 self.record(trial.number, {**result, "mlflow_run_id": result["run_id"]})
@@ -339,12 +362,13 @@ class Driver:
             get_client(sync_client=True) as client,
             Heartbeats(self.study, self.spec.study.heartbeat_s) as heartbeats,
         ):
+            self.heartbeats = heartbeats
             for run_id, trial in self.adoptable(client).items():
                 heartbeats.own(trial._trial_id)
                 in_flight[run_id] = trial.number
                 self.logger.info("trial %d: adopted its flow run %s", trial.number, run_id)
             while True:
-                requeued = _fail_stale(self.study)
+                requeued = self.fail_stale()
                 if requeued:
                     self.logger.info("trials %s lost their worker: queued again", requeued)
                 while len(in_flight) < self.spec.execution.max_parallel and (
@@ -406,11 +430,10 @@ class Driver:
 def child_result(experiment: str, parent_run_id: str, number: int) -> dict[str, Any]:
     """Final metrics of trial ``number`` as its MLflow run logged them (trials run elsewhere)."""
     client: MlflowClient = mlflow_client()
-    runs = client.search_runs(
-        [experiment_id(client, experiment)],
-        filter_string=(
-            f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{number}'"
-        ),
+    mine = f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{number}'"
+    runs = retried(
+        lambda: client.search_runs([experiment_id(client, experiment)], filter_string=mine),
+        "search runs",
     )
     if not runs:
         raise RuntimeError(f"trial {number} left no MLflow run under {parent_run_id}")
@@ -568,6 +591,7 @@ def pwf(
         The study name, trial counts, timing, the MLflow parent run, and the Pareto front.
     """
     spec = load_sweep(sweep, overrides)
+    set_infra_timeout(spec.infra_timeout_s)
     logger = get_run_logger()
     study = open_study(spec)
     logger.info(
@@ -577,18 +601,29 @@ def pwf(
         len(study.get_trials(deepcopy=False)),
         spec.n_trials,
     )
-    started = time.perf_counter()
-    deadline = time.time() + spec.study.timeout_s if spec.study.timeout_s else None
-    tags = {"kind": "sweep", "sampler": spec.sampler, "optuna.study": spec.name}
-    if flow_run.id:
-        tags["prefect.flow_run_id"] = flow_run.id
     folder = Path(spec.execution.artifacts_dir).resolve() / "sweeps" / spec.name
     run_name = f"sweep-{spec.name}"
+    tags = {"kind": "sweep", "sampler": spec.sampler, "optuna.study": spec.name}
     with file_lock(folder / ".parent.lock"):  # drivers started together share one parent run
         parent_id = study.user_attrs.get("mlflow_run_id")
         if parent_id is None or find_run(spec.name, parent_id) is None:
-            parent_id = RunTracker.open(spec.name, run_name, tags).run_id
+            created = tags | ({"prefect.flow_run_id": flow_run.id} if flow_run.id else {})
+            parent_id = RunTracker.open(spec.name, run_name, created).run_id
             study.set_user_attr("mlflow_run_id", parent_id)
+    done = _finished_sweep(study, spec, parent_id)
+    if done is not None:
+        logger.info(
+            "sweep %s already has its %d complete trials and its report: nothing changed "
+            "(MLflow run %s); raise study.n_trials to continue it",
+            spec.name,
+            done["complete_trials"],
+            parent_id,
+        )
+        return done
+    started = time.perf_counter()
+    deadline = time.time() + spec.study.timeout_s if spec.study.timeout_s else None
+    if flow_run.id:
+        tags["prefect.last_flow_run_id"] = flow_run.id
     with tracked_run(spec.name, run_name, tags, resume_run_id=parent_id) as parent:
         parent.log_params(
             {
@@ -599,6 +634,10 @@ def pwf(
                 "sweep.base": spec.base.name,
             }
         )
+        closed = close_orphaned_runs(study, spec.name, parent.run_id)
+        if closed:
+            logger.info("closed MLflow runs left RUNNING by a stopped driver: %s", closed)
+        earlier = parent.logged_metrics()
         write_text_atomic(folder / "sweep.yaml", dump_spec(spec))
         parent.log_artifact(folder / "sweep.yaml")
         driver = Driver(study, spec, parent.run_id, progress)
@@ -607,12 +646,7 @@ def pwf(
         else:
             driver.run_in_process(deadline)
         table = _report(study, spec, parent, folder)
-        wall = time.perf_counter() - started
-        timing = {
-            "sweep/wall_s": wall,
-            "sweep/compute_s": driver.compute_s,
-            "sweep/orchestration_s": wall - driver.compute_s,
-        }
+        timing = _timing(earlier, time.perf_counter() - started, driver.compute_s)
         parent.log_metrics(timing)
     logger.info(
         "sweep %s: %d complete trials, Pareto front:\n%s",
@@ -620,14 +654,82 @@ def pwf(
         len(table),
         table[table["pareto"]].to_string(index=False) if not table.empty else "(empty)",
     )
+    return _sweep_result(spec, table, parent.run_id, parent.url, timing)
+
+
+def _timing(earlier: dict[str, float], wall_s: float, compute_s: float) -> dict[str, float]:
+    """The sweep's timings over every session that worked on it (a continued sweep adds)."""
+    wall = earlier.get("sweep/wall_s", 0.0) + wall_s
+    compute = earlier.get("sweep/compute_s", 0.0) + compute_s
+    return {
+        "sweep/wall_s": wall,
+        "sweep/compute_s": compute,
+        "sweep/orchestration_s": wall - compute,
+    }
+
+
+def _sweep_result(
+    spec: SweepSpec, table: pd.DataFrame, run_id: str, url: str, timing: dict[str, float]
+) -> dict[str, Any]:
     return {
         "study": spec.name,
         "complete_trials": len(table),
-        "mlflow_run_id": parent.run_id,
-        "url": parent.url,
+        "mlflow_run_id": run_id,
+        "url": url,
         "timing": timing,
         "pareto": table[table["pareto"]].to_dict(orient="records") if not table.empty else [],
+        "already_complete": False,
     }
+
+
+def _finished_sweep(study: optuna.Study, spec: SweepSpec, parent_id: str) -> dict | None:
+    """The result of a sweep that is done and reported, else ``None``.
+
+    Done: ``n_trials`` complete trials, none running, and a FINISHED parent run whose report
+    counted them all. Such a sweep is left as it is, timings and links included.
+    """
+    complete = trials_in(study, TrialState.COMPLETE)
+    if len(complete) < spec.n_trials or trials_in(study, TrialState.RUNNING, TrialState.WAITING):
+        return None
+    parent = find_run(spec.name, parent_id)
+    if parent is None or parent.info.status != "FINISHED":
+        return None
+    metrics = parent.data.metrics
+    if metrics.get("sweep/complete_trials") != float(len(complete)):
+        return None
+    tracker = RunTracker.reopened(spec.name, parent_id)
+    timing = {k: v for k, v in metrics.items() if k in ("sweep/wall_s", "sweep/compute_s")}
+    timing["sweep/orchestration_s"] = timing.get("sweep/wall_s", 0.0) - timing.get(
+        "sweep/compute_s", 0.0
+    )
+    return _sweep_result(spec, trials_table(study), parent_id, tracker.url, timing) | {
+        "already_complete": True
+    }
+
+
+def close_orphaned_runs(study: optuna.Study, experiment: str, parent_run_id: str) -> list[str]:
+    """End the trial runs a stopped driver left RUNNING (FINISHED if their trial completed).
+
+    A trial that is still running (this study's heartbeats say so) keeps its run; a trial that
+    is queued again reopens its run when it runs, whatever its status now.
+    """
+    client = mlflow_client()
+    running = f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    runs = retried(
+        lambda: client.search_runs([experiment_id(client, experiment)], filter_string=running),
+        "search runs",
+    )
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    closed = []
+    for run in runs:
+        number = run.data.tags.get(TRIAL_TAG)
+        state = states.get(int(number)) if number is not None and number.isdigit() else None
+        if state == TrialState.RUNNING:
+            continue
+        status = "FINISHED" if state == TrialState.COMPLETE else "FAILED"
+        RunTracker(run.info.run_id, run.info.experiment_id, client).finish(status)
+        closed.append(run.info.run_id)
+    return closed
 
 
 def pareto_report(spec: SweepSpec) -> pd.DataFrame | None:

@@ -244,10 +244,15 @@ class ExecutionSpec(_Strict):
         max_parallel: Trials in flight at once when they run as deployment runs (one per GPU
             worker); in-process trials run one at a time.
         artifacts_dir: Artifacts folder shared by the trials.
+        infra_timeout_s: How long the driver and its trials wait out an outage of the
+            tracking server, the study database or the Prefect API before they stop (the trial
+            is queued again and the same command continues it); by default the base config's
+            ``execution.infra_timeout_s``.
     """
 
     max_parallel: int = Field(1, ge=1)
     artifacts_dir: str = "artifacts"
+    infra_timeout_s: float | None = Field(None, gt=0)
 
 
 class SweepSpec(_Strict):
@@ -274,9 +279,18 @@ class SweepSpec(_Strict):
         return space
 
     def base_values(self) -> dict[str, Any]:
-        """The base config with the sweep's fixed overrides and its name applied."""
+        """The base config with the sweep's fixed overrides and its name applied (and the
+        sweep's outage budget, which its trials share)."""
         values = apply_overrides(read_yaml(self.base), self.overrides)
-        return apply_overrides(values, {"name": self.name})
+        fixed: dict[str, Any] = {"name": self.name}
+        if self.execution.infra_timeout_s is not None:
+            fixed["execution.infra_timeout_s"] = self.execution.infra_timeout_s
+        return apply_overrides(values, fixed)
+
+    @property
+    def infra_timeout_s(self) -> float:
+        """The outage budget of the driver and its trials."""
+        return parse_config(self.base_values()).execution.infra_timeout_s
 
     def trial_config(self, params: dict[str, Any]) -> ExperimentConfig:
         """The experiment config of a trial from Optuna's suggested ``params``."""

@@ -193,7 +193,7 @@ def test_crashed_run_is_marked_failed(prefect_server, mlflow_store, tmp_path):
 def test_truncated_last_checkpoint_falls_back_to_the_one_before(
     prefect_server, mlflow_store, tmp_path
 ):
-    config = small_config(name="truncated")
+    config = small_config(name="truncated", **{"execution.keep_checkpoints": True})
     first = pwf_experiment(config=config, artifacts_dir=str(tmp_path / "a"), progress=False)
     files = ExperimentFiles.for_config(load_config(overrides=config), tmp_path / "a")
     files.summary.unlink()
@@ -231,7 +231,11 @@ def test_sigkill_mid_round_resumes_without_rerunning_finished_rounds(
 ):
     values = small_config(
         name="resume",
-        **{"compression.schedule": [0.2, 0.4, 0.6, 0.8, 0.9, 1.0], "train.epochs": 2.0},
+        **{
+            "compression.schedule": [0.2, 0.4, 0.6, 0.8, 0.9, 1.0],
+            "train.epochs": 2.0,
+            "execution.keep_checkpoints": True,  # to show the finished rounds stay untouched
+        },
     )
     config_path = tmp_path / "resume.yaml"
     config_path.write_text(yaml.safe_dump(values))
@@ -303,7 +307,10 @@ def test_2dgbnn_flow_logs_its_stages_and_resumes_at_the_next_epoch(
     prefect_server, mlflow_store, tmp_path
 ):
     config = config_to_dict(
-        load_config(ROOT / "configs" / "2dgbnn.yaml", {**GBNN_QUICK, "name": "gbnn"})
+        load_config(
+            ROOT / "configs" / "2dgbnn.yaml",
+            {**GBNN_QUICK, "name": "gbnn", "execution.keep_checkpoints": True},
+        )
     )
     first = pwf_experiment(config=config, artifacts_dir=str(tmp_path / "a"), progress=False)
     (run,) = runs_of("gbnn")
@@ -331,3 +338,45 @@ def test_2dgbnn_flow_logs_its_stages_and_resumes_at_the_next_epoch(
     assert again["run_id"] == first["run_id"]
     assert again["metrics"] == first["metrics"]  # the same numbers, bit for bit
     assert [files.step(i).stat().st_mtime_ns for i in range(3)] == kept
+
+
+@pytest.mark.integration
+def test_only_the_newest_checkpoint_is_kept_and_its_size_was_foreseen(
+    prefect_server, mlflow_store, tmp_path
+):
+    from pwf_core.checkpoint import checkpoint_size
+    from pwf_core.data import load_dataset
+    from pwf_core.pretrain import model_spec
+    from pwf_core.registry import create_method
+
+    config = small_config(name="kept")
+    pwf_experiment(config=config, artifacts_dir=str(tmp_path / "a"), progress=False)
+    cfg = load_config(overrides=config)
+    files = ExperimentFiles.for_config(cfg, tmp_path / "a")
+    assert [number for number, _ in files.checkpoints()] == [3] and not files.init.exists()
+    spec = model_spec(cfg, load_dataset(cfg.data))
+    foreseen = checkpoint_size(spec.build, create_method(cfg.compression)).checkpoint_bytes
+    written = files.step(2).stat().st_size  # tensors plus a JSON header (the step history)
+    assert foreseen <= written <= 1.1 * foreseen
+
+
+@pytest.mark.integration
+def test_a_crash_between_a_new_checkpoint_and_removing_the_old_one_resumes_from_the_new(
+    prefect_server, mlflow_store, tmp_path
+):
+    """Every round's checkpoint kept, the last one and the results removed: the files a run
+    leaves when it dies after writing round 2's checkpoint and before removing round 1's."""
+    kept = small_config(name="between", **{"execution.keep_checkpoints": True})
+    first = pwf_experiment(config=kept, artifacts_dir=str(tmp_path / "a"), progress=False)
+    files = ExperimentFiles.for_config(load_config(overrides=kept), tmp_path / "a")
+    files.step(2).unlink()
+    files.summary.unlink()
+    default = small_config(name="between")  # the same experiment, checkpoints pruned
+    assert ExperimentFiles.for_config(load_config(overrides=default), tmp_path / "a") == files
+    again = pwf_experiment(config=default, artifacts_dir=str(tmp_path / "a"), progress=False)
+    assert again["run_id"] == first["run_id"] and again["metrics"] == first["metrics"]
+    assert [number for number, _ in files.checkpoints()] == [3] and not files.init.exists()
+    (run,) = runs_of("between")
+    assert run.data.tags["resumed_at"] == "round 3/3"
+    steps = sorted(m.step for m in MlflowClient().get_metric_history(run.info.run_id, "cls/acc"))
+    assert steps == [1, 2, 3, 3]  # round 3 ran again; rounds 1 and 2 did not

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from optuna.trial import TrialState
 
+from pwf_core.config import config_to_dict, load_config
 from tests.conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
@@ -131,11 +133,12 @@ def mlflow_rest(port: int, endpoint: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
-@pytest.mark.integration
-@pytest.mark.slow
-def test_readme_server_commands_run_a_sweep_on_workers(tmp_path):
+@pytest.fixture(scope="module")
+def readme_stack(tmp_path_factory):
+    """The README's servers, pools, workers and ``prefect deploy --all``, once for the module."""
+    workdir = tmp_path_factory.mktemp("stack")
     ports = {"4200": free_port(), "5000": free_port(), "5001": free_port()}
-    stack = Stack(tmp_path, ports)
+    stack = Stack(workdir, ports)
     try:
         stack.start("prefect-server", "prefect server start --host 127.0.0.1 --port 4200")
         stack.start(
@@ -155,58 +158,154 @@ def test_readme_server_commands_run_a_sweep_on_workers(tmp_path):
         stack.start("worker-cpu", "prefect worker start --pool cpu", stop_signals=2)
         deployed = stack.run("PWF_PROJECT_DIR=$PWD prefect --no-prompt deploy --all", cwd=ROOT)
         assert "pwf/full-sweep" in deployed and "pwf-experiment/gpu" in deployed
-
-        storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-        overrides = {
-            "study.n_trials": 2,
-            "study.storage": storage,
-            "execution.artifacts_dir": str(tmp_path / "artifacts"),
-            "execution.max_parallel": 2,  # both submitted at once; the worker queues one
-            "overrides": {"pretrain.epochs": 3, "train.epochs": 0.25, "eval.mc_samples": 0},
-            "space": {
-                "compression.b": {"int": [4, 6]},
-                "compression.schedule": {"choices": {"two": [0.5, 1.0], "three": [0.4, 0.8, 1.0]}},
-            },
-        }
-        readme_run = (
-            "prefect deployment run pwf/full-sweep "
-            """--param overrides='{"study.n_trials": 24}' --watch"""
-        )
-        argv, _ = stack.command(readme_run)
-        argv[argv.index("--param") + 1] = f"overrides={json.dumps(overrides)}"
-        argv += ["--watch-timeout", "600"]
-        done = subprocess.run(
-            argv, cwd=tmp_path, env=stack.env, capture_output=True, text=True, timeout=660
-        )
-        output = done.stdout + done.stderr
-        assert done.returncode == 0 and "Completed" in output, output[-4000:]
-
-        study = optuna.load_study(study_name="full-sweep", storage=storage)
-        assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
-
-        experiments = mlflow_rest(ports["5000"], "experiments/search", {"max_results": 50})
-        (experiment,) = [e for e in experiments["experiments"] if e["name"] == "full-sweep"]
-        runs = mlflow_rest(
-            ports["5000"], "runs/search", {"experiment_ids": [experiment["experiment_id"]]}
-        )
-        runs = runs["runs"]
-        tags = [{t["key"]: t["value"] for t in run["data"].get("tags", [])} for run in runs]
-        (parent,) = [r for r, t in zip(runs, tags, strict=True) if t.get("kind") == "sweep"]
-        children = [t for t in tags if t.get("mlflow.parentRunId") == parent["info"]["run_id"]]
-        assert len(runs) == 3 and len(children) == 2
-        assert all(run["info"]["status"] == "FINISHED" for run in runs)
-        assert {t["sweep.trial"] for t in children} == {"0", "1"}
-
-        stack.run(
-            'prefect deployment schedule create pwf/ablation-regulariser --cron "0 2 * * 6" '
-            "--timezone UTC"
-        )
-        schedules = stack.run("prefect deployment schedule ls pwf/ablation-regulariser")
-        assert "0 2 * * 6" in schedules
-        stack.start(
-            "mlflow-ui",
-            "mlflow ui --backend-store-uri sqlite:///mlruns.db --host 127.0.0.1 --port 5001",
-        )
-        wait_for(f"http://127.0.0.1:{ports['5001']}/", stack)
+        yield stack
     finally:
         stack.stop()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_readme_server_commands_run_a_sweep_on_workers(readme_stack):
+    stack = readme_stack
+    tmp_path, ports = stack.workdir / "readme-sweep", stack.ports
+    tmp_path.mkdir()
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    overrides = {
+        "study.n_trials": 2,
+        "study.storage": storage,
+        "execution.artifacts_dir": str(tmp_path / "artifacts"),
+        "execution.max_parallel": 2,  # both submitted at once; the worker queues one
+        "overrides": {"pretrain.epochs": 3, "train.epochs": 0.25, "eval.mc_samples": 0},
+        "space": {
+            "compression.b": {"int": [4, 6]},
+            "compression.schedule": {"choices": {"two": [0.5, 1.0], "three": [0.4, 0.8, 1.0]}},
+        },
+    }
+    readme_run = (
+        "prefect deployment run pwf/full-sweep "
+        """--param overrides='{"study.n_trials": 24}' --watch"""
+    )
+    argv, _ = stack.command(readme_run)
+    argv[argv.index("--param") + 1] = f"overrides={json.dumps(overrides)}"
+    argv += ["--watch-timeout", "600"]
+    done = subprocess.run(
+        argv, cwd=tmp_path, env=stack.env, capture_output=True, text=True, timeout=660
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and "Completed" in output, output[-4000:]
+
+    study = optuna.load_study(study_name="full-sweep", storage=storage)
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
+
+    experiments = mlflow_rest(ports["5000"], "experiments/search", {"max_results": 50})
+    (experiment,) = [e for e in experiments["experiments"] if e["name"] == "full-sweep"]
+    runs = mlflow_rest(
+        ports["5000"], "runs/search", {"experiment_ids": [experiment["experiment_id"]]}
+    )
+    runs = runs["runs"]
+    tags = [{t["key"]: t["value"] for t in run["data"].get("tags", [])} for run in runs]
+    (parent,) = [r for r, t in zip(runs, tags, strict=True) if t.get("kind") == "sweep"]
+    children = [t for t in tags if t.get("mlflow.parentRunId") == parent["info"]["run_id"]]
+    assert len(runs) == 3 and len(children) == 2
+    assert all(run["info"]["status"] == "FINISHED" for run in runs)
+    assert {t["sweep.trial"] for t in children} == {"0", "1"}
+
+    stack.run(
+        'prefect deployment schedule create pwf/ablation-regulariser --cron "0 2 * * 6" '
+        "--timezone UTC"
+    )
+    schedules = stack.run("prefect deployment schedule ls pwf/ablation-regulariser")
+    assert "0 2 * * 6" in schedules
+    stack.start(
+        "mlflow-ui",
+        "mlflow ui --backend-store-uri sqlite:///mlruns.db --host 127.0.0.1 --port 5001",
+    )
+    wait_for(f"http://127.0.0.1:{ports['5001']}/", stack)
+
+
+def prefect_rest(stack: Stack, endpoint: str, body: dict | None = None):
+    request = urllib.request.Request(
+        f"{stack.env['PREFECT_API_URL']}/{endpoint}",
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def flow_run_id(output: str) -> str:
+    return next(line.split()[-1] for line in output.splitlines() if "UUID" in line)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_every_shipped_deployment_runs_to_completion(readme_stack):
+    """Each deployment of prefect.yaml as ``prefect deployment run`` starts it, submitted at
+    once: the sweeps' drivers on the cpu pool, their trials on the gpu pool, one trial each on
+    a tiny base; and a single experiment on ``pwf-experiment/gpu``."""
+    from tests.test_shipped_sweeps import tiny_overrides
+
+    stack = readme_stack
+    workdir = stack.workdir / "deployments"
+    workdir.mkdir()
+    deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    submitted: dict[str, tuple[str, str | None]] = {}
+    for deployment in deployments:
+        if deployment["name"] == "gpu":
+            config = load_config(
+                ROOT / "configs" / "default.yaml",
+                {
+                    "name": "deploy-gpu",
+                    "pretrain.epochs": 2,
+                    "train.epochs": 0.1,
+                    "compression.schedule": [0.5, 1.0],
+                },
+            )
+            params = [
+                f"config={json.dumps(config_to_dict(config))}",
+                f"artifacts_dir={workdir / 'artifacts'}",
+            ]
+            target, study = "pwf-experiment/gpu", None
+        else:
+            sweep = ROOT / deployment["parameters"]["sweep"]
+            study = f"deploy-{deployment['name']}"
+            storage = f"sqlite:///{workdir / (study + '.db')}"
+            fields = tiny_overrides(sweep, storage, workdir / "artifacts", n_trials=1)
+            params = [f"overrides={json.dumps(fields | {'name': study})}"]
+            target = f"pwf/{deployment['name']}"
+        argv = ["prefect", "deployment", "run", target]
+        for param in params:
+            argv += ["--param", param]
+        done = subprocess.run(
+            argv, cwd=workdir, env=stack.env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        submitted[target] = (flow_run_id(done.stdout + done.stderr), study)
+    assert len(submitted) == len(deployments) == 9
+
+    final = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+    deadline = time.time() + 780
+    states: dict[str, str] = {}
+    while len(states) < len(submitted):
+        assert time.time() < deadline, f"still running: {set(submitted) - set(states)}"
+        for target, (run_id, _) in submitted.items():
+            state = prefect_rest(stack, f"flow_runs/{run_id}")["state"]["type"]
+            if state in final:
+                states[target] = state
+        time.sleep(2)
+    assert states == dict.fromkeys(submitted, "COMPLETED"), states
+    for target, (_, study) in submitted.items():
+        if study is None:
+            continue
+        storage = f"sqlite:///{workdir / (study + '.db')}"
+        trials = optuna.load_study(study_name=study, storage=storage).get_trials()
+        assert [t.state for t in trials] == [TrialState.COMPLETE], target
+    experiments = mlflow_rest(stack.ports["5000"], "experiments/search", {"max_results": 100})
+    names = {e["name"]: e["experiment_id"] for e in experiments["experiments"]}
+    for target, (_, study) in submitted.items():
+        runs = mlflow_rest(
+            stack.ports["5000"], "runs/search", {"experiment_ids": [names[study or "deploy-gpu"]]}
+        )["runs"]
+        assert len(runs) == (2 if study else 1), target  # the sweep's parent and its trial
+        assert all(run["info"]["status"] == "FINISHED" for run in runs), target

@@ -40,9 +40,19 @@ def _free_port() -> int:
 
 @dataclass(frozen=True)
 class Postgres:
-    """A running server: ``url(database)`` gives a SQLAlchemy URL with the password."""
+    """A running server: ``url(database)`` gives a SQLAlchemy URL with the password;
+    :meth:`stop` and :meth:`start` take it away and bring it back (an outage)."""
 
     port: int
+    pg_ctl: list[str]
+    kwargs: dict
+
+    def stop(self) -> None:
+        """Shut the server down at once, dropping every connection (``pg_ctl -m fast``)."""
+        subprocess.run([*self.pg_ctl, "-m", "fast", "-w", "stop"], **self.kwargs)
+
+    def start(self) -> None:
+        subprocess.run([*self.pg_ctl, "-w", "start"], **self.kwargs)
 
     def url(self, database: str = "postgres", driver: str = "postgresql") -> str:
         return f"{driver}://{USER}:{PASSWORD}@127.0.0.1:{self.port}/{database}"
@@ -111,21 +121,18 @@ def postgres_server() -> Iterator[Postgres]:
             ],
             **kwargs,
         )
-        subprocess.run(
-            [
-                str(bin_dir / "pg_ctl"),
-                "-D",
-                str(data),
-                "-l",
-                str(log),
-                "-w",
-                "-o",
-                f"-h 127.0.0.1 -p {port} -k {root} -c max_connections=200",
-                "start",
-            ],
-            **kwargs,
-        )
-        yield Postgres(port)
+        pg_ctl = [
+            str(bin_dir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(log),
+            "-o",
+            f"-h 127.0.0.1 -p {port} -k {root} -c max_connections=200",
+        ]
+        server = Postgres(port, pg_ctl, kwargs)
+        server.start()
+        yield server
     except subprocess.CalledProcessError as err:
         detail = log.read_text()[-2000:] if log.is_file() else ""
         raise RuntimeError(f"PostgreSQL did not start: {err.stderr!r}\n{detail}") from err
