@@ -210,8 +210,7 @@ def disk_plan(
         kept = f"every step's checkpoint ({copies} of {checkpoint})"
     else:
         kept = f"the newest checkpoint ({checkpoint}; two while the next one is written)"
-    detail = (
-        f"{kept}, the compressed model{' and the pretrained one' if pretrained else ''}"
-        + (f"; for {runs} runs" if runs > 1 else "")
+    detail = f"{kept}, the compressed model{' and the pretrained one' if pretrained else ''}" + (
+        f"; for {runs} runs" if runs > 1 else ""
     )
     return DiskPlan(folder, needed, shutil.disk_usage(folder).free, detail)

@@ -35,7 +35,8 @@ PR_SET_PDEATHSIG = 1
 DRAIN_TIMEOUT_S = 3.0  # per queue; an interrupted command must end within seconds
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -101,7 +102,7 @@ def prefect_api() -> Iterator[str]:
     timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
     parent = os.getpid()
     with file_lock(home / "server-start.lock"):
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}/api"
         log = open(home / "temporary-server.log", "ab")  # noqa: SIM115 (lives with the server)
         process = subprocess.Popen(
