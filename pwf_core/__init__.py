@@ -28,7 +28,7 @@ from pwf_core.methods import (
 )
 from pwf_core.registry import MethodConfig, method_names, register_method
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "Compression",

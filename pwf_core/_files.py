@@ -17,9 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-
-class CheckpointError(RuntimeError):
-    """A tensor file that is missing, unreadable or does not fit the model."""
+from pwf_core.errors import CheckpointError
 
 
 @contextmanager
@@ -69,6 +67,15 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def smallest_index_dtype(count: int) -> torch.dtype:
+    """The smallest integer dtype safetensors stores that indexes ``count`` values."""
+    if count <= 2**8:
+        return torch.uint8
+    if count <= 2**15:
+        return torch.int16
+    return torch.int32
 
 
 def save_tensors(

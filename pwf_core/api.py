@@ -16,12 +16,15 @@ import pandas as pd
 import torch
 from torch import nn
 
-from pwf_core._seeding import isolated_rng
+from pwf_core._seeding import derive_seed, isolated_rng
 from pwf_core.bayes import ConversionReport, is_bayesian, to_bayesian
 from pwf_core.checkpoint import load_checkpoint, save_checkpoint
-from pwf_core.config import TrainConfig
+from pwf_core.config import ExperimentConfig
+from pwf_core.data import ImageDataset, load_dataset
 from pwf_core.methods.base import Method, Step, StepContext, StepRecord, history
+from pwf_core.pretrain import build_experiment_model
 from pwf_core.registry import MethodConfig, create_method
+from pwf_core.train import TrainConfig
 
 
 def _train_config(train: TrainConfig | Mapping[str, Any] | None) -> TrainConfig:
@@ -38,20 +41,12 @@ def _device_of(model: nn.Module) -> torch.device:
     raise ValueError("the model has no parameters to compress")
 
 
-def describe(record: StepRecord) -> str:
+def describe(method: Method, record: StepRecord) -> str:
     """One line a person reads: ``round 3/10: 60.0 % fixed | 31 values | top-1 98.61 %``."""
-    m = record.metrics
-    parts = [str(record.step)]
-    if "ws/fixed_fraction" in m and record.step.fraction is not None:
-        parts.append(f"{100 * m['ws/fixed_fraction']:.1f} % fixed")
-    if "ws/unique_fixed_values" in m and record.step.fraction is not None:
-        parts.append(f"{int(m['ws/unique_fixed_values'])} values")
-    for key, label in (("bnn/gaussians", "Gaussians"), ("bnn/outliers", "outliers")):
-        if key in m:
-            parts.append(f"{int(m[key])} {label}")
-    if "cls/acc" in m:
-        parts.append(f"top-1 {100 * m['cls/acc']:.2f} %")
-    return ": ".join(parts[:1]) + (": " + " | ".join(parts[1:]) if parts[1:] else "")
+    parts = method.describe(record.metrics, record.step)
+    if "cls/acc" in record.metrics:
+        parts.append(f"top-1 {100 * record.metrics['cls/acc']:.2f} %")
+    return f"{record.step}: " + " | ".join(parts) if parts else str(record.step)
 
 
 class Compression:
@@ -95,6 +90,43 @@ class Compression:
             mc_samples=mc_samples,
         )
 
+    @classmethod
+    def from_config(
+        cls,
+        config: ExperimentConfig,
+        dataset: ImageDataset | None = None,
+        *,
+        progress: bool = True,
+        log: Callable[[str], None] | None = None,
+    ) -> Compression:
+        """The experiment a config describes: a fresh (unconverted) model with its seeded
+        initialisation and ``model.weights``, its loaders, the method and the training.
+
+        Args:
+            config: The experiment config.
+            dataset: The dataset of ``config.data`` when already loaded (it is loaded if not).
+            progress: Progress bars on a terminal.
+            log: Receives one line per epoch and per step.
+        """
+        dataset = dataset if dataset is not None else load_dataset(config.data)
+        device = config.resolved_device()
+        model = build_experiment_model(config, dataset).to(device)
+        train_loader = dataset.loader(
+            "train", config.train.batch_size, shuffle=True, seed=derive_seed(config.seed, "data")
+        ).to(device)
+        eval_loader = dataset.loader("test", config.data.eval_batch_size).to(device)
+        return cls(
+            model,
+            config.compression,
+            train_loader,
+            eval_loader=eval_loader,
+            train=config.train,
+            seed=config.seed,
+            progress=progress,
+            log=log,
+            mc_samples=config.eval.mc_samples,
+        )
+
     @property
     def steps(self) -> list[Step]:
         return self.method.plan()
@@ -110,7 +142,7 @@ class Compression:
         if isinstance(step, int):
             step = self.steps[step]
         record = self.method.run_step(self.model, step, self.context)
-        self.context.say(describe(record))
+        self.context.say(describe(self.method, record))
         return record
 
     def finalize(self) -> dict[str, float]:

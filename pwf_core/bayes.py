@@ -301,6 +301,17 @@ def bayesian_params(model: nn.Module) -> list[BayesianParam]:
     ]
 
 
+def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of the deterministic model: no sigmas, no fixed masks, nothing a method
+    attached (its entries start with ``_pwf``)."""
+    extra = set()
+    for p in bayesian_params(model):
+        extra |= {f"{p.name}_sigma", f"{p.name}_fixed_mask"}
+    return {
+        k: v for k, v in model.state_dict().items() if k not in extra and not k.startswith("_pwf")
+    }
+
+
 def sigma_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The sigma parameters (they get no weight decay)."""
     return [p.sigma for p in bayesian_params(model)]

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pwf_core._files import CheckpointError, load_tensors, read_metadata, save_tensors
+from pwf_core._files import load_tensors, read_metadata, save_tensors
 from pwf_core.bayes import conversion_report, to_bayesian
+from pwf_core.errors import CheckpointError
 from pwf_core.methods.base import Method
 
 _METHOD_PREFIX = "method."

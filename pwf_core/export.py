@@ -1,43 +1,37 @@
-"""Compressed export: one global codebook, per-tensor index arrays, and everything else as is.
+"""Compressed export: a method's shared values and each weight's index, everything else as is.
 
-The file is a safetensors file holding ``codebook`` (float32), ``index.<param>`` (the smallest
-integer dtype that fits the codebook) for every converted weight and bias, and ``param.<name>``
-for the remaining state (norms, running statistics, tokens). A 2DGBNN model is stored as its
-shared Gaussians instead (:mod:`pwf_core.methods.gbnn2d.export`) and loads back as a
-stochastic module: sampling on (train mode or :func:`pwf_core.bayes.sampling`) draws from it.
-The JSON header records the architecture when it is a registered or timm one (so
-:func:`load_compressed` can rebuild it), the class name otherwise (then the caller passes a
-fresh instance), and the experiment config.
-Loading gives a plain ``nn.Module`` whose logits equal the fixed model's exactly.
+A compressed model is one safetensors file: the tensors of its file format (the default,
+``codebook``, defined here: one global codebook and an index array per converted weight and
+bias; a method that stores its models its own way registers a format of its own, as 2DGBNN's
+shared Gaussians do, see :func:`pwf_core.registry.register_format`), ``param.<name>`` for the
+remaining state (norms, running statistics, tokens), and a JSON header: the format, the
+architecture when it is a registered or timm one (so :func:`load_compressed` can rebuild it),
+the class name otherwise (then the caller passes a fresh instance), and the experiment config.
+Loading gives a plain ``nn.Module`` whose logits equal the compressed model's exactly (a
+stochastic format's model samples in train mode, or under :func:`pwf_core.bayes.sampling`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from pwf_core._files import CheckpointError, load_tensors, read_metadata, save_tensors
-from pwf_core.bayes import bayesian_params, is_bayesian
+from pwf_core._files import load_tensors, read_metadata, save_tensors, smallest_index_dtype
+from pwf_core.bayes import bayesian_params, is_bayesian, plain_state
+from pwf_core.errors import CheckpointError
 from pwf_core.metrics import converted_values
 from pwf_core.models import ModelSpec
+from pwf_core.registry import format_for, format_named, register_format
 
 FORMAT_VERSION = 2
 _METADATA_KEY = "pwf"
-
-
-def index_dtype(codebook_size: int) -> torch.dtype:
-    """The smallest integer dtype (safetensors supports) that indexes ``codebook_size`` values."""
-    if codebook_size <= 2**8:
-        return torch.uint8
-    if codebook_size <= 2**15:
-        return torch.int16
-    return torch.int32
+_OTHER = "param."
 
 
 @dataclass(frozen=True)
@@ -74,14 +68,28 @@ class ExportReport:
         }
 
 
-def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict of the deterministic model: no sigmas, no fixed masks, no method state."""
-    extra = set()
-    for p in bayesian_params(model):
-        extra |= {f"{p.name}_sigma", f"{p.name}_fixed_mask"}
-    return {
-        k: v for k, v in model.state_dict().items() if k not in extra and not k.startswith("_pwf")
-    }
+@dataclass(frozen=True)
+class Encoded:
+    """What a file format stores for a model's converted weights.
+
+    Args:
+        tensors: The format's tensors (any names but ``param.*``, which hold the other state).
+        unique_values: Shared values (or Gaussians and outliers) behind the weights.
+        index_bits: Bits of one stored index.
+        bound_bytes: The fewest bytes the shared weights could take (the other state apart).
+        header: What the format adds to the JSON header.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    unique_values: int
+    index_bits: int
+    bound_bytes: int
+    header: dict[str, Any] = field(default_factory=dict)
+
+
+def index_dtype(codebook_size: int) -> torch.dtype:
+    """The smallest integer dtype (safetensors supports) that indexes ``codebook_size`` values."""
+    return smallest_index_dtype(codebook_size)
 
 
 def entropy_bound_bytes(counts: torch.Tensor, other_bytes: int) -> int:
@@ -92,6 +100,53 @@ def entropy_bound_bytes(counts: torch.Tensor, other_bytes: int) -> int:
     return math.ceil(int(counts.sum()) * bits / 8) + 4 * len(counts) + other_bytes
 
 
+@register_format("codebook")
+class CodebookFormat:
+    """One global codebook (float32) and, per converted tensor, ``index.<param>`` into it."""
+
+    @staticmethod
+    def claims(model: nn.Module) -> bool:
+        """Every converted value is fixed to a shared value."""
+        params = bayesian_params(model)
+        return bool(params) and all(bool(p.fixed_mask.all()) for p in params)
+
+    @staticmethod
+    def encode(model: nn.Module) -> Encoded:
+        values = converted_values(model).cpu()
+        codebook, counts = torch.unique(values, return_counts=True)
+        dtype = index_dtype(len(codebook))
+        tensors: dict[str, torch.Tensor] = {"codebook": codebook.float()}
+        for param in bayesian_params(model):
+            index = torch.searchsorted(codebook, param.mu.detach().cpu().float().contiguous())
+            tensors[f"index.{param.name}"] = index.to(dtype)
+        return Encoded(
+            tensors,
+            unique_values=len(codebook),
+            index_bits=torch.iinfo(dtype).bits,
+            bound_bytes=entropy_bound_bytes(counts, 0),
+            header={"codebook": codebook.tolist()},
+        )
+
+    @staticmethod
+    def decode(tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The converted weights, by parameter name."""
+        codebook = tensors["codebook"]
+        return {
+            name.removeprefix("index."): codebook[index.long()]
+            for name, index in tensors.items()
+            if name.startswith("index.")
+        }
+
+    @staticmethod
+    def install(model: nn.Module, tensors: dict[str, torch.Tensor], header: dict) -> None:
+        """Nothing to add: the loaded weights are the shared values."""
+        return None
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 @torch.no_grad()
 def save_compressed(
     model: nn.Module,
@@ -100,7 +155,7 @@ def save_compressed(
     spec: ModelSpec | None = None,
     config: dict[str, Any] | None = None,
 ) -> ExportReport:
-    """Write a compressed (every converted weight fixed) ``model`` as codebook + indices.
+    """Write a compressed ``model`` (every converted weight shared) in its method's format.
 
     Args:
         model: A model compressed by :func:`pwf_core.compress` (or the round driver).
@@ -112,77 +167,40 @@ def save_compressed(
     Raises:
         ValueError: when the model was never converted or some converted weight is free.
     """
-    params = bayesian_params(model)
-    if not params:
+    if not bayesian_params(model):
         raise ValueError("the model has no converted weights: compress it first")
-    if model._modules.get("_pwf_sharing") is not None:
-        return _save_gaussians(model, path, spec, config)
-    if not all(bool(p.fixed_mask.all()) for p in params):
-        raise ValueError("every converted weight must be fixed before export (run every step)")
-    values = converted_values(model).cpu()
-    codebook, counts = torch.unique(values, return_counts=True)
-    dtype = index_dtype(len(codebook))
-    tensors: dict[str, torch.Tensor] = {"codebook": codebook.float()}
-    converted_names = {p.name for p in params}
-    for param in params:
-        index = torch.searchsorted(codebook, param.mu.detach().cpu().float().contiguous())
-        tensors[f"index.{param.name}"] = index.to(dtype)
+    try:
+        fmt = format_for(model)
+    except LookupError:
+        raise ValueError(
+            "every converted weight must be fixed before export (run every step)"
+        ) from None
+    encoded = fmt.encode(model)
     plain = plain_state(model)
-    others = {name: t for name, t in plain.items() if name not in converted_names}
-    tensors.update({f"param.{name}": t for name, t in others.items()})
-    header = {
-        "format_version": FORMAT_VERSION,
-        "format": "codebook",
-        "model": spec.to_dict() if spec is not None else None,
-        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "config": config or {},
-        "codebook": codebook.tolist(),
-    }
-    path = save_tensors(path, tensors, {_METADATA_KEY: json.dumps(header)})
-    other_bytes = sum(t.numel() * t.element_size() for t in others.values())
-    return ExportReport(
-        path=path,
-        file_bytes=path.stat().st_size,
-        float32_bytes=sum(t.numel() * t.element_size() for t in plain.values()),
-        entropy_bound_bytes=entropy_bound_bytes(counts, other_bytes),
-        unique_values=len(codebook),
-        index_bits=torch.iinfo(dtype).bits,
-    )
-
-
-def _save_gaussians(
-    model: nn.Module, path: str | Path, spec: ModelSpec | None, config: dict[str, Any] | None
-) -> ExportReport:
-    """2DGBNN's stochastic model: shared Gaussians, members, blends, outliers, the rest."""
-    from pwf_core.methods.gbnn2d.export import FORMAT, gaussian_tensors
-
-    params = bayesian_params(model)
-    converted = {p.name for p in params}
-    plain = plain_state(model)
+    converted = {p.name for p in bayesian_params(model)}
     others = {name: t for name, t in plain.items() if name not in converted}
-    tensors = gaussian_tensors(model) | {f"param.{name}": t for name, t in others.items()}
     header = {
         "format_version": FORMAT_VERSION,
-        "format": FORMAT,
+        "format": fmt.name,
         "model": spec.to_dict() if spec is not None else None,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "config": config or {},
-        "layout": [[p.name, list(p.mu.shape)] for p in params],
+        **encoded.header,
     }
+    tensors = encoded.tensors | {f"{_OTHER}{name}": t for name, t in others.items()}
     path = save_tensors(path, tensors, {_METADATA_KEY: json.dumps(header)})
-    stored = sum(t.numel() * t.element_size() for t in tensors.values())
     return ExportReport(
         path=path,
         file_bytes=path.stat().st_size,
-        float32_bytes=sum(t.numel() * t.element_size() for t in plain.values()),
-        entropy_bound_bytes=stored,
-        unique_values=len(tensors["means"]) + len(tensors["outlier_mu"]),
-        index_bits=torch.iinfo(tensors["member"].dtype).bits,
+        float32_bytes=_nbytes(plain),
+        entropy_bound_bytes=encoded.bound_bytes + _nbytes(others),
+        unique_values=encoded.unique_values,
+        index_bits=encoded.index_bits,
     )
 
 
 def read_header(path: str | Path) -> dict[str, Any]:
-    """The JSON header of an exported model (architecture, config, codebook)."""
+    """The JSON header of an exported model (architecture, config, format)."""
     metadata = read_metadata(path)
     if _METADATA_KEY not in metadata:
         raise CheckpointError(
@@ -195,7 +213,7 @@ def read_header(path: str | Path) -> dict[str, Any]:
 
 
 def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
-    """A plain, deterministic ``nn.Module`` (in eval mode) from an exported file.
+    """A plain ``nn.Module`` (in eval mode) from an exported file.
 
     Args:
         path: A file written by :func:`save_compressed`.
@@ -207,18 +225,14 @@ def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Modu
             ``model`` is given, or does not fit ``model``.
     """
     header = read_header(path)
+    try:
+        fmt = format_named(header["format"])
+    except KeyError as err:
+        raise CheckpointError(f"'{path}': {err.args[0]}") from None
     tensors = load_tensors(path)
-    state = {
-        name.removeprefix("param."): t for name, t in tensors.items() if name.startswith("param.")
-    }
-    if header["format"] == "codebook":
-        codebook = tensors["codebook"]
-        for name, index in tensors.items():
-            if name.startswith("index."):
-                state[name.removeprefix("index.")] = codebook[index.long()]
-    else:  # shared Gaussians: weights are placeholders until the Gaussians are installed
-        for name, shape in header["layout"]:
-            state[name] = torch.zeros(shape)
+    own = {name: t for name, t in tensors.items() if not name.startswith(_OTHER)}
+    state = {n.removeprefix(_OTHER): t for n, t in tensors.items() if n.startswith(_OTHER)}
+    state |= fmt.decode(own, header)
     if model is None:
         if header.get("model") is None:
             raise CheckpointError(
@@ -232,8 +246,5 @@ def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Modu
         model.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(f"'{path}' does not fit the given model: {err}") from None
-    if header["format"] != "codebook":
-        from pwf_core.methods.gbnn2d.export import restore_sharing
-
-        restore_sharing(model, {k: v for k, v in tensors.items() if "." not in k}, header)
+    fmt.install(model, own, header)
     return model.eval()

@@ -1,25 +1,26 @@
-"""Models by name: pwf's own small networks (a registry) and every timm architecture.
+"""Models by name: pwf's own small networks (a registry) and every timm architecture, and the
+config section that names one (:class:`ModelConfig`).
 
-Nothing here touches the network: timm models are built with ``pretrained=False`` and the
-Hugging Face hub is switched to offline mode; trained weights come from local files.
+Nothing here touches the network: timm models are built with ``pretrained=False`` (timm then
+never asks the Hugging Face hub for anything); trained weights come from local files.
 """
 
 from __future__ import annotations
 
 import difflib
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import timm
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 
-from pwf_core._files import CheckpointError, load_tensors
+from pwf_core._files import load_tensors
+from pwf_core.errors import CheckpointError
+from pwf_core.types import Section
 
 ModelFactory = Callable[..., nn.Module]
 _MODELS: dict[str, ModelFactory] = {}
@@ -136,6 +137,39 @@ def similar_model_names(name: str, limit: int = 5) -> list[str]:
     """Registered and timm names close to ``name``, for error messages."""
     candidates = [*_MODELS, *timm.list_models()]
     return difflib.get_close_matches(name, candidates, n=limit, cutoff=0.6)
+
+
+class ModelConfig(Section):
+    """Which network to compress.
+
+    Args:
+        name: One of pwf's models (``small_cnn``, ``mnist_cnn``, ``cifar_resnet18``) or any timm
+            architecture name.
+        weights: Optional local file (safetensors or ``.pt``) with trained weights; when given,
+            pretraining starts from it instead of from a random init.
+        kwargs: Extra architecture arguments, e.g. ``{patch_size: 2}`` for a ViT on 8x8 inputs.
+    """
+
+    name: str = "small_cnn"
+    weights: Path | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        if not is_known_model(name):
+            hint = similar_model_names(name)
+            suffix = f"; did you mean one of {hint}?" if hint else ""
+            own = ", ".join(pwf_model_names())
+            raise ValueError(f"unknown model '{name}' (not one of pwf's {own}, not timm's){suffix}")
+        return name
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, weights: Path | None) -> Path | None:
+        if weights is not None and not weights.is_file():
+            raise ValueError(f"weights file '{weights}' does not exist")
+        return weights
 
 
 def build_model(

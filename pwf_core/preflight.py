@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from pwf_core.config import ConfigError, ExperimentConfig
+from pwf_core.config import ExperimentConfig
 from pwf_core.data import ImageDataset, load_dataset
+from pwf_core.errors import ConfigError
 from pwf_core.models import ModelSpec, load_weights
 from pwf_core.pretrain import model_spec
 

@@ -13,7 +13,7 @@ from pwf_core.config import ExperimentConfig
 from pwf_core.data import ImageDataset
 from pwf_core.metrics import evaluate
 from pwf_core.models import ModelSpec, load_weights
-from pwf_core.train import train
+from pwf_core.train import Progress, train
 
 
 def model_spec(config: ExperimentConfig, dataset: ImageDataset) -> ModelSpec:
@@ -81,13 +81,11 @@ def pretrain(
         model,
         loader,
         cfg,
-        epochs=cfg.epochs,
+        cfg.epochs,
         device=device,
         cosine=cfg.cosine,
-        progress=progress,
-        desc="pretrain",
         on_epoch_end=record_validation,
-        log=log,
+        progress=Progress(desc="pretrain", bar=progress, log=log),
     )
     result.epoch_losses, result.seconds = run.epoch_losses, run.seconds
     test_loader = dataset.loader("test", config.data.eval_batch_size).to(device)

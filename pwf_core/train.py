@@ -1,4 +1,5 @@
-"""One training loop for pretraining and for the free weights between fixing rounds.
+"""One training loop for pretraining and for the free weights between fixing rounds, and its
+settings (:class:`OptimConfig`, :class:`PretrainConfig`, :class:`TrainConfig`).
 
 Fixed entries (given as boolean masks per parameter) stay bit-exact: their gradients are
 zeroed, and after each optimiser step their values are written back and their optimiser state
@@ -7,18 +8,61 @@ zeroed, and after each optimiser step their values are written back and their op
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
 
 from pwf_core.bayes import sigma_parameters
-from pwf_core.config import OptimConfig
 from pwf_core.distributed import wrap
+from pwf_core.types import NonNegativeFloat, PositiveFloat, PositiveInt, Section
+
+
+class OptimConfig(Section):
+    """Optimiser settings shared by pretraining and the training between fixing rounds.
+
+    Args:
+        sigma_lr: Learning rate of the sigmas of converted weights (default: ``lr``).
+    """
+
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: PositiveFloat = 1e-3
+    sigma_lr: PositiveFloat | None = None
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: NonNegativeFloat = 1e-4
+    grad_clip: PositiveFloat | None = 1.0
+    batch_size: PositiveInt = 64
+
+
+class PretrainConfig(OptimConfig):
+    """Deterministic training before conversion. ``epochs: 0`` uses the weights as given."""
+
+    epochs: NonNegativeFloat = 20.0
+    lr: PositiveFloat = 0.05
+    cosine: bool = True
+
+
+class TrainConfig(OptimConfig):
+    """Training of the free weights before each fixing round.
+
+    Args:
+        epochs: Epochs before every round but the first.
+        first_round_epochs: Epochs before the first round (the paper: 5 % of one epoch).
+    """
+
+    epochs: NonNegativeFloat = 3.0
+    first_round_epochs: NonNegativeFloat = 0.05
+
+    def epochs_before(self, round_index: int) -> float:
+        """Epochs of training that precede fixing round ``round_index``."""
+        return self.first_round_epochs if round_index == 0 else self.epochs
 
 
 class TrainingHooks:
@@ -114,20 +158,71 @@ class TrainResult:
     epoch_losses: list[float]
 
 
+@dataclass(frozen=True)
+class Progress:
+    """How a training run reports itself.
+
+    Args:
+        desc: Label of the progress bar and of the log lines (``round 3/10``).
+        bar: A progress bar per epoch, shown only when stderr is a terminal.
+        log: Receives one line per epoch (progress off a terminal: workers, CI, Prefect logs).
+    """
+
+    desc: str = "train"
+    bar: bool = True
+    log: Callable[[str], None] | None = None
+
+
+class _Step:
+    """One optimiser step with fixed entries held, for a whole :func:`train` call."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optim: OptimConfig,
+        total_steps: int,
+        cosine: bool,
+        fixed_masks: Mapping[nn.Parameter, torch.Tensor] | None,
+        hooks: TrainingHooks,
+    ) -> None:
+        self.model, self.optim, self.hooks = model, optim, hooks
+        self.optimizer = build_optimizer(model, optim)
+        self.scheduler = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, total_steps)
+            if cosine
+            else None
+        )
+        self.masked = MaskedParams(fixed_masks or {})
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def __call__(self, total: torch.Tensor) -> None:
+        """Backward of ``total``, then clip, update, restore the fixed entries, anneal."""
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.masked.zero_grads()
+        self.hooks.after_backward(self.model)
+        if self.optim.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.params, self.optim.grad_clip)
+        self.optimizer.step()
+        self.masked.restore(self.optimizer)
+        self.hooks.after_step(self.model)
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+
 def train(
     model: nn.Module,
     loader: Iterable,
     optim: OptimConfig,
     epochs: float,
+    *,
     device: torch.device | str = "cpu",
     fixed_masks: Mapping[nn.Parameter, torch.Tensor] | None = None,
     hooks: TrainingHooks | None = None,
     cosine: bool = False,
-    progress: bool = True,
-    desc: str = "train",
-    on_epoch_end: Callable[[int, float], None] | None = None,
     epoch_offset: int = 0,
-    log: Callable[[str], None] | None = None,
+    on_epoch_end: Callable[[int, float], None] | None = None,
+    progress: Progress | bool = True,
 ) -> TrainResult:
     """Train ``model`` for ``epochs`` (a fraction is allowed) with masked entries frozen.
 
@@ -139,88 +234,87 @@ def train(
         epochs: Epochs to run; ``0.05`` runs 5 % of one epoch's batches.
         device: Where batches go; CUDA turns on bf16 autocast.
         fixed_masks: Boolean mask per parameter of entries that must not change.
-        hooks: Method-specific loss term and post-step edit.
+        hooks: Method-specific loss term and post-step edits.
         cosine: Cosine-anneal the learning rate to zero over the run.
-        progress: Show a progress bar per epoch (when stderr is a terminal).
-        desc: Label of the progress bar and of the log lines.
-        on_epoch_end: Called with ``(epoch, mean loss)`` after each epoch (e.g. validation).
         epoch_offset: Added to the epoch number given to ``set_epoch``.
-        log: Receives one line per epoch (progress off a terminal: workers, CI, Prefect logs).
+        on_epoch_end: Called with ``(epoch, mean loss)`` after each epoch (e.g. validation).
+        progress: How the run reports itself; ``False`` for silence, ``True`` for a bar.
 
     Returns:
         Steps taken, mean loss, accuracy on the training batches, wall time, loss per epoch.
     """
     device = torch.device(device)
-    hooks = hooks or TrainingHooks()
+    report = progress if isinstance(progress, Progress) else Progress(bar=progress)
     per_epoch = batches_per_epoch(loader)
     total_steps = math.ceil(epochs * per_epoch)
     result = TrainResult(0, float("nan"), float("nan"), 0.0, [])
     if total_steps == 0:
         return result
-    optimizer = build_optimizer(model, optim)
-    scheduler = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps) if cosine else None
-    )
-    masked = MaskedParams(fixed_masks or {})
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    use_amp = device.type == "cuda"
+    hooks = hooks or TrainingHooks()
+    step = _Step(model, optim, total_steps, cosine, fixed_masks, hooks)
+    totals = _Totals(device)
     start = time.perf_counter()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
     model.train()
     network = wrap(model)  # DistributedDataParallel under torchrun
     num_epochs = math.ceil(total_steps / per_epoch)
     for epoch in range(num_epochs):
         set_loader_epoch(loader, epoch_offset + epoch)
-        steps_this_epoch = min(per_epoch, total_steps - result.steps)
-        epoch_loss = torch.zeros((), device=device)
+        batches = min(per_epoch, total_steps - result.steps)
         bar = tqdm(
-            total=steps_this_epoch,
-            desc=f"{desc} epoch {epoch + 1}/{num_epochs}",
+            total=batches,
+            desc=f"{report.desc} epoch {epoch + 1}/{num_epochs}",
             leave=False,
-            disable=None if progress else True,  # None: only on a terminal
+            disable=None if report.bar else True,  # None: only on a terminal
             dynamic_ncols=True,
         )
-        for step_in_epoch, (images, labels) in enumerate(loader):
-            if step_in_epoch >= steps_this_epoch:
-                break
+        epoch_loss = totals.begin_epoch()
+        for images, labels in itertools.islice(loader, batches):
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = network(images)
                 loss = nn.functional.cross_entropy(logits.float(), labels)
                 extra = hooks.extra_loss(model, loss)
-                total = loss if extra is None else loss + extra
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            masked.zero_grads()
-            hooks.after_backward(model)
-            if optim.grad_clip is not None:
-                nn.utils.clip_grad_norm_(params, optim.grad_clip)
-            optimizer.step()
-            masked.restore(optimizer)
-            hooks.after_step(model)
-            if scheduler is not None:
-                scheduler.step()
-            detached = loss.detach()
-            loss_sum += detached * len(labels)
-            epoch_loss += detached
-            correct += (logits.detach().argmax(1) == labels).sum()
-            seen += len(labels)
+            step(loss if extra is None else loss + extra)
+            totals.add(loss, logits, labels)
             result.steps += 1
             bar.update(1)
         bar.close()
-        result.epoch_losses.append(epoch_loss.item() / max(steps_this_epoch, 1))
-        if log is not None:
-            log(
-                f"{desc}: epoch {epoch + 1}/{num_epochs} loss {result.epoch_losses[-1]:.4f} "
-                f"({time.perf_counter() - start:.1f} s)"
+        result.epoch_losses.append(epoch_loss.item() / max(batches, 1))
+        if report.log is not None:
+            report.log(
+                f"{report.desc}: epoch {epoch + 1}/{num_epochs} loss "
+                f"{result.epoch_losses[-1]:.4f} ({time.perf_counter() - start:.1f} s)"
             )
         if on_epoch_end is not None:
             on_epoch_end(epoch, result.epoch_losses[-1])
             model.train()
-    result.mean_loss = loss_sum.item() / max(seen, 1)
-    result.train_acc = correct.item() / max(seen, 1)
+    result.mean_loss, result.train_acc = totals.means()
     result.seconds = time.perf_counter() - start
     return result
+
+
+class _Totals:
+    """Loss and accuracy sums kept on the device: read once an epoch, not once a step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.epoch_loss = torch.zeros((), device=device)
+        self.seen = 0
+
+    def begin_epoch(self) -> torch.Tensor:
+        self.epoch_loss = torch.zeros_like(self.epoch_loss)
+        return self.epoch_loss
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        detached = loss.detach()
+        self.loss += detached * len(labels)
+        self.epoch_loss += detached
+        self.correct += (logits.detach().argmax(1) == labels).sum()
+        self.seen += len(labels)
+
+    def means(self) -> tuple[float, float]:
+        """Mean loss and accuracy over every batch."""
+        seen = max(self.seen, 1)
+        return self.loss.item() / seen, self.correct.item() / seen

@@ -1,4 +1,4 @@
-"""What a method is: convert a model, run a plan of steps, finalize.
+"""What a method is: convert a model, run a plan of steps, finalize; and how it presents itself.
 
 Every method follows one life cycle, whoever drives it (:func:`pwf_core.compress` in a
 notebook, the Prefect flow one task per step):
@@ -12,75 +12,33 @@ A step is a pure function of the model it receives, the seed and its own positio
 from them), so a run resumed from step ``k - 1``'s checkpoint ends exactly where an
 uninterrupted run ends. What a method carries between steps is in :meth:`Method.state_dict`.
 
-:class:`FixingMethod` is the base of the round-based methods (PWFN, WFN, k-means, uniform): each
-step trains the free weights, fixes more of them, and evaluates.
+A method also owns what is particular about it wherever a run is shown: its part of a step's
+one-line summary (:meth:`Method.describe`), the run's summary line and the knob that sets its
+size (:meth:`Method.summary_line`, :attr:`Method.size_knob`), the columns of its step table
+(:attr:`Method.table_columns`) and any figure of its own (:meth:`Method.figures`); the flows
+ask, and never name a method.
+
+The round-based methods (PWFN, WFN, k-means, uniform) share :mod:`pwf_core.methods.rounds`.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
-import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import pandas as pd
 import torch
-from pydantic import ConfigDict, field_validator
 from torch import nn
 
 from pwf_core._seeding import derive_seed, seed_everything
-from pwf_core.bayes import (
-    ConversionReport,
-    bayesian_params,
-    fixed_masks,
-    set_sampling,
-    to_bayesian,
-)
-from pwf_core.config import TrainConfig
-from pwf_core.distributed import broadcast_run_state, is_main
-from pwf_core.metrics import evaluate, weight_sharing_metrics
+from pwf_core.bayes import ConversionReport, set_sampling, to_bayesian
+from pwf_core.distributed import broadcast_run_state
+from pwf_core.metrics import classification_metrics, predict_log_probs, weight_sharing_metrics
 from pwf_core.registry import MethodConfig
-from pwf_core.train import TrainingHooks, train
-
-PAPER_SCHEDULE = (0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 0.975, 0.99, 1.0)
-SUMMARY_COLUMNS = ["step", "centre", "order", "threshold", "count"]
-
-
-class FixingConfig(MethodConfig):
-    """Knobs every round-based method has; each method extends it with its own.
-
-    Args:
-        method: The method's name (``pwfn``, ``wfn``, ``kmeans``, ``uniform``).
-        schedule: Fraction of converted weights fixed after each round; strictly increasing,
-            in (0, 1], ending at 1.0.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    schedule: tuple[float, ...] = PAPER_SCHEDULE
-
-    @field_validator("schedule")
-    @classmethod
-    def _valid_schedule(cls, schedule: tuple[float, ...]) -> tuple[float, ...]:
-        if not schedule:
-            raise ValueError("schedule is empty")
-        if any(not 0.0 < f <= 1.0 for f in schedule):
-            raise ValueError(f"every fraction must be in (0, 1]; got {list(schedule)}")
-        if any(b <= a for a, b in itertools.pairwise(schedule)):
-            raise ValueError(f"schedule must be strictly increasing; got {list(schedule)}")
-        if not math.isclose(schedule[-1], 1.0):
-            raise ValueError(
-                f"schedule must end at 1.0 so every weight is fixed; got {schedule[-1]}"
-            )
-        return schedule
-
-
-def fixed_target(fraction: float, total: int) -> int:
-    """Weights that must be fixed after a round with schedule fraction ``fraction``."""
-    return min(total, math.ceil(fraction * total))
+from pwf_core.train import Progress, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -160,20 +118,78 @@ class StepContext:
     log: Callable[[str], None] | None = None
     mc_samples: int = 0
 
+    #: The predictions behind the final headline metrics (set by ``evaluate(keep=True)``),
+    #: so that a reliability diagram needs no second pass over the eval set.
+    final_predictions: tuple[torch.Tensor, torch.Tensor] | None = None
+
     def say(self, message: str) -> None:
         if self.log is not None:
             self.log(message)
 
+    def progress_for(self, step: Step) -> Progress:
+        """How the training of ``step`` reports itself."""
+        return Progress(desc=str(step), bar=self.progress, log=self.log)
+
     def evaluate(
-        self, model: nn.Module, mc_samples: int = 0, average: str = "probs"
+        self, model: nn.Module, mc_samples: int = 0, average: str = "probs", keep: bool = False
     ) -> dict[str, float]:
-        """``cls/*`` and ``cal/*`` on the eval loader (empty without one)."""
+        """``cls/*`` and ``cal/*`` on the eval loader (empty without one).
+
+        Args:
+            keep: Remember these predictions as :attr:`final_predictions`.
+        """
         if self.eval_loader is None:
             return {}
-        return evaluate(model, self.eval_loader, self.device, mc_samples, average)
+        predictions = predict_log_probs(model, self.eval_loader, self.device, mc_samples, average)
+        if keep:
+            self.final_predictions = predictions
+        return classification_metrics(*predictions)
 
 
-class Method(TrainingHooks, ABC):
+@dataclass(frozen=True)
+class Column:
+    """A column of a run's step table: the metric, its header, how a value reads.
+
+    Args:
+        key: The metric, e.g. ``ws/fixed_fraction``.
+        label: The header a person reads.
+        fmt: Turns a value into its cell (``"{:.1%}"``-style callables).
+    """
+
+    key: str
+    label: str
+    fmt: Callable[[float], str]
+
+
+def percent(value: float) -> str:
+    return f"{100 * value:.2f} %"
+
+
+def integer(value: float) -> str:
+    return f"{int(value)}"
+
+
+TOP1 = Column("cls/acc", "top-1", percent)
+ECE = Column("cal/ece", "ECE", lambda v: f"{v:.4f}")
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A figure a method adds to a run's plots.
+
+    Args:
+        name: The file's name without ``.png`` (``mixture``).
+        kind: What is drawn, which the flows' plotting knows how to draw
+            (``gaussian_mixture``); a kind is a type of plot, not a method.
+        data: What the drawing needs.
+    """
+
+    name: str
+    kind: str
+    data: Mapping[str, Any]
+
+
+class Method(ABC):
     """Base of every method: convert, plan, steps, finalize, and resumable state.
 
     Subclasses set :attr:`config_class` (whose ``method`` literal is the method's name) and
@@ -189,6 +205,10 @@ class Method(TrainingHooks, ABC):
     bayesian: ClassVar[bool] = False
     #: Which parameters of conv/linear layers become (mu, sigma) pairs.
     converted: ClassVar[tuple[str, ...]] = ("weight", "bias")
+    #: The config knob(s) that turn the compressed size, for the run summary.
+    size_knob: ClassVar[str] = ""
+    #: The columns of the run's step table (a Prefect artifact, the report).
+    table_columns: ClassVar[tuple[Column, ...]] = (TOP1, ECE)
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
@@ -213,9 +233,11 @@ class Method(TrainingHooks, ABC):
 
     def initialise(self, model: nn.Module) -> None:
         """Initialise a freshly converted model once, before the first step (e.g. sigma)."""
+        return None
 
     def before_load(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         """Shape a converted model so that a checkpoint's ``tensors`` load into it."""
+        return None
 
     @abstractmethod
     def plan(self) -> list[Step]:
@@ -225,13 +247,6 @@ class Method(TrainingHooks, ABC):
     def run_step(self, model: nn.Module, step: Step, ctx: StepContext) -> StepRecord:
         """Run ``step`` on ``model`` (edited in place) and measure the result."""
 
-    def prediction(self) -> tuple[int, str]:
-        """How the final model predicts: forward passes averaged, and what is averaged.
-
-        A fixed model is deterministic (one pass); a stochastic one averages samples.
-        """
-        return 0, "probs"
-
     def finalize(self, model: nn.Module, ctx: StepContext) -> dict[str, float]:
         """Leave ``model`` eval-ready (sampling off) and return its final metrics.
 
@@ -240,12 +255,26 @@ class Method(TrainingHooks, ABC):
         """
         set_sampling(model, False)
         model.eval()
-        metrics = {**ctx.evaluate(model), **weight_sharing_metrics(model)}
+        metrics = {**ctx.evaluate(model, keep=True), **weight_sharing_metrics(model)}
         if self.bayesian and ctx.mc_samples > 0 and ctx.eval_loader is not None:
             seed_everything(derive_seed(ctx.seed, "final-eval"))
             sampled = ctx.evaluate(model, mc_samples=ctx.mc_samples)
             metrics |= {f"{key}_mc": value for key, value in sampled.items()}
         return metrics
+
+    def describe(self, metrics: Mapping[str, float], step: Step | None = None) -> list[str]:
+        """The method's part of a one-line summary of a step (or, without ``step``, of the
+        final model): ``["60.0 % fixed", "31 values"]``."""
+        return []
+
+    def summary_line(self, metrics: Mapping[str, float]) -> str:
+        """What a person reads first about the final model."""
+        parts = [f"top-1 {100 * metrics['cls/acc']:.2f} %", *self.describe(metrics)]
+        return ", ".join(parts)
+
+    def figures(self, model: nn.Module, seed: int) -> list[Figure]:
+        """Figures of the final model particular to this method."""
+        return []
 
     def step_metrics(self) -> dict[str, float]:
         """Method-specific values recorded with every step (e.g. PWFN's resolved ``b``)."""
@@ -263,110 +292,9 @@ class Method(TrainingHooks, ABC):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`state_dict` returned."""
+        return None
 
     def synchronise(self, model: nn.Module) -> None:
         """Under ``torchrun``: make every rank's model and state rank 0's (after rank 0 alone
         changed them, and after training, whose norm statistics differ between ranks)."""
         broadcast_run_state(model, self)
-
-
-@dataclass
-class FlatWeights:
-    """The converted parameters of a whole network as flat tensors (one global view).
-
-    Args:
-        mu: Means, ``(N,)``.
-        sigma: Standard deviations, ``(N,)``.
-        fixed: Fixed mask, ``(N,)`` bool.
-    """
-
-    mu: torch.Tensor
-    sigma: torch.Tensor
-    fixed: torch.Tensor
-
-    @classmethod
-    @torch.no_grad()
-    def gather(cls, model: nn.Module) -> FlatWeights:
-        """Copy the model's converted means, sigmas and fixed masks into flat tensors."""
-        params = bayesian_params(model)
-        return cls(
-            mu=torch.cat([p.mu.detach().flatten().float() for p in params]),
-            sigma=torch.cat([p.sigma.detach().flatten().float() for p in params]),
-            fixed=torch.cat([p.fixed_mask.flatten() for p in params]),
-        )
-
-    @torch.no_grad()
-    def scatter_(self, model: nn.Module) -> None:
-        """Write the flat tensors back into the model's parameters and mask buffers."""
-        offset = 0
-        for p in bayesian_params(model):
-            n = p.mu.numel()
-            p.mu.copy_(self.mu[offset : offset + n].view_as(p.mu))
-            p.sigma.copy_(self.sigma[offset : offset + n].view_as(p.sigma))
-            p.fixed_mask.copy_(self.fixed[offset : offset + n].view_as(p.fixed_mask))
-            offset += n
-
-    def __len__(self) -> int:
-        return self.mu.numel()
-
-    @property
-    def num_fixed(self) -> int:
-        return int(self.fixed.sum())
-
-
-class FixingMethod(Method):
-    """A round-based method: train the free weights, fix up to the round's fraction, evaluate.
-
-    Subclasses implement :meth:`fix`.
-    """
-
-    config: FixingConfig
-
-    def plan(self) -> list[Step]:
-        schedule = self.config.schedule
-        return [
-            Step(index=i, stage="round", number=i + 1, of=len(schedule), fraction=fraction)
-            for i, fraction in enumerate(schedule)
-        ]
-
-    @abstractmethod
-    def fix(self, weights: FlatWeights, target_fixed: int, round_index: int) -> pd.DataFrame:
-        """Fix free weights in place until ``target_fixed`` are fixed.
-
-        Returns:
-            One row per greedy step: ``step, centre, order, threshold, count``.
-        """
-
-    def run_step(self, model: nn.Module, step: Step, ctx: StepContext) -> StepRecord:
-        seed_everything(derive_seed(ctx.seed, "round", step.index))
-        assert step.fraction is not None
-        trained = train(
-            model,
-            ctx.train_loader,
-            ctx.train,
-            epochs=ctx.train.epochs_before(step.index),
-            device=ctx.device,
-            fixed_masks=fixed_masks(model),
-            hooks=self,
-            progress=ctx.progress,
-            desc=str(step),
-            epoch_offset=1000 * step.index,
-            log=ctx.log,
-        )
-        start = time.perf_counter()
-        summary = pd.DataFrame(columns=SUMMARY_COLUMNS)
-        if is_main():  # one rank decides the fixing; the others receive it
-            weights = FlatWeights.gather(model)
-            summary = self.fix(weights, fixed_target(step.fraction, len(weights)), step.index)
-            weights.scatter_(model)
-        self.synchronise(model)
-        fix_seconds = time.perf_counter() - start
-        metrics = {**ctx.evaluate(model), **weight_sharing_metrics(model), **self.step_metrics()}
-        metrics |= {
-            "train/loss": trained.mean_loss,
-            "train/steps": float(trained.steps),
-            "time/train_s": trained.seconds,
-            "time/fix_s": fix_seconds,
-            "time/eval_s": time.perf_counter() - start - fix_seconds,
-        }
-        return StepRecord(step, metrics, summary)

@@ -7,8 +7,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from pwf_core.methods.base import FixingConfig
 from pwf_core.methods.nearest import CodebookMethod
+from pwf_core.methods.rounds import FixingConfig
 from pwf_core.registry import register_method
 
 
@@ -64,6 +64,7 @@ class KMeans(CodebookMethod):
     """K shared values from global k-means; weights fixed nearest-first over the schedule."""
 
     config_class = KMeansConfig
+    size_knob = "compression.clusters"
     config: KMeansConfig
 
     def build_codebook(self, values: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from abc import abstractmethod
 import pandas as pd
 import torch
 
-from pwf_core.methods.base import SUMMARY_COLUMNS, FixingMethod, FlatWeights
+from pwf_core.methods.rounds import SUMMARY_COLUMNS, FixingMethod, FlatWeights
 
 
 def nearest_centres(

@@ -7,8 +7,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from pwf_core.methods.base import FixingConfig
 from pwf_core.methods.nearest import CodebookMethod
+from pwf_core.methods.rounds import FixingConfig
 from pwf_core.registry import register_method
 
 
@@ -32,6 +32,7 @@ class Uniform(CodebookMethod):
     """A uniform grid over the network's weight range; weights fixed nearest-first."""
 
     config_class = UniformConfig
+    size_knob = "compression.bits"
     config: UniformConfig
 
     def build_codebook(self, values: torch.Tensor) -> torch.Tensor:

@@ -19,10 +19,11 @@ from pydantic import Field
 from torch import nn
 
 from pwf_core.bayes import bayesian_params
-from pwf_core.config import NonNegativeFloat
-from pwf_core.methods.base import SUMMARY_COLUMNS, FixingConfig, FixingMethod, FlatWeights
 from pwf_core.methods.nearest import fix_nearest_first, nearest_centres
+from pwf_core.methods.rounds import SUMMARY_COLUMNS, FixingConfig, FixingMethod, FlatWeights
 from pwf_core.registry import register_method
+from pwf_core.train import TrainingHooks
+from pwf_core.types import NonNegativeFloat
 
 WFN_SCHEDULE = (0.3, 0.6, 0.8, 0.9, 0.95, 0.975, 0.99, 0.9975, 0.999, 1.0)
 MAX_TERMS = 8
@@ -128,11 +129,46 @@ def wfn_fix_round(
     return summary
 
 
+class _DistanceRegulariser(TrainingHooks):
+    """WFN's loss term between rounds: free weights are drawn toward their nearest centres."""
+
+    def __init__(self, config: WFNConfig, centres: torch.Tensor) -> None:
+        self.config, self.centres = config, centres
+
+    def extra_loss(self, model: nn.Module, task_loss: torch.Tensor) -> torch.Tensor | None:
+        """``alpha * mean_i sum_c softmin_c(d_ic / T) d_ic`` over free weights, with
+        ``alpha = strength * CE / reg`` (detached), i.e. the term is ``strength * CE`` in size.
+
+        The softmin runs over the ``reg_neighbours`` nearest centres on each side, which hold
+        nearly all of its mass, so memory stays linear in the weights.
+        """
+        cfg = self.config
+        terms, count = [], 0
+        for param in bayesian_params(model):
+            w = param.mu[~param.fixed_mask]
+            w = w[w.abs() >= 2.0**-cfg.b]
+            if w.numel() == 0:
+                continue
+            centres_here = self.centres.to(w.device, w.dtype)
+            upper = torch.searchsorted(centres_here, w.detach())
+            offsets = torch.arange(-cfg.reg_neighbours, cfg.reg_neighbours, device=w.device)
+            neighbour = (upper[:, None] + offsets).clamp_(0, len(centres_here) - 1)
+            distance = (w[:, None] - centres_here[neighbour]).abs() / w.abs()[:, None]
+            weight = torch.softmax(-distance / cfg.reg_temperature, dim=1)
+            terms.append((weight * distance).sum())
+            count += w.numel()
+        if not terms:
+            return None
+        reg = torch.stack(terms).sum() / count
+        return cfg.reg_strength * task_loss.detach() / reg.detach().clamp_min(1e-12) * reg
+
+
 @register_method
 class WFN(FixingMethod):
     """Weight fixing networks: relative-distance fixing to a power-of-two ladder."""
 
     config_class = WFNConfig
+    size_knob = "compression.delta and compression.b"
     config: WFNConfig
 
     def __init__(self, config: WFNConfig) -> None:
@@ -148,38 +184,13 @@ class WFN(FixingMethod):
     def initialise(self, model: nn.Module) -> None:
         self._centres_for(model)
 
-    def extra_loss(self, model: nn.Module, task_loss: torch.Tensor) -> torch.Tensor | None:
-        """``alpha * mean_i sum_c softmin_c(d_ic / T) d_ic`` over free weights, with
-        ``alpha = strength * CE / reg`` (detached), i.e. the term is ``strength * CE`` in size.
-
-        The softmin runs over the ``reg_neighbours`` nearest centres on each side, which hold
-        nearly all of its mass, so memory stays linear in the weights.
-        """
-        cfg = self.config
-        if cfg.reg_strength == 0:
+    def training_hooks(self, model: nn.Module) -> TrainingHooks | None:
+        if self.config.reg_strength == 0:
             return None
-        centres = self._centres_for(model)
-        terms, count = [], 0
-        for param in bayesian_params(model):
-            w = param.mu[~param.fixed_mask]
-            w = w[w.abs() >= 2.0**-cfg.b]
-            if w.numel() == 0:
-                continue
-            centres_here = centres.to(w.device, w.dtype)
-            upper = torch.searchsorted(centres_here, w.detach())
-            offsets = torch.arange(-cfg.reg_neighbours, cfg.reg_neighbours, device=w.device)
-            neighbour = (upper[:, None] + offsets).clamp_(0, len(centres_here) - 1)
-            distance = (w[:, None] - centres_here[neighbour]).abs() / w.abs()[:, None]
-            weight = torch.softmax(-distance / cfg.reg_temperature, dim=1)
-            terms.append((weight * distance).sum())
-            count += w.numel()
-        if not terms:
-            return None
-        reg = torch.stack(terms).sum() / count
-        return cfg.reg_strength * task_loss.detach() / reg.detach().clamp_min(1e-12) * reg
+        return _DistanceRegulariser(self.config, self._centres_for(model))
 
     def fix(self, weights: FlatWeights, target_fixed: int, round_index: int) -> pd.DataFrame:
-        assert self.centres is not None, "prepare() builds the centres before the first round"
+        assert self.centres is not None, "initialise() builds the centres before the first round"
         return wfn_fix_round(weights, target_fixed, self.centres, self.config.delta, self.config.b)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

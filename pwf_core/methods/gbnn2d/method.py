@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from typing import ClassVar, Literal
 
 import torch
@@ -37,25 +38,38 @@ from torch import nn
 
 from pwf_core._seeding import derive_seed, seed_everything
 from pwf_core.bayes import bayesian_params, set_sampling
-from pwf_core.config import NonNegativeFloat, OptimConfig, PositiveFloat, PositiveInt
 from pwf_core.distributed import is_main, world_size
-from pwf_core.methods.base import Method, Step, StepContext, StepRecord
+from pwf_core.methods.base import (
+    ECE,
+    TOP1,
+    Column,
+    Figure,
+    Method,
+    Step,
+    StepContext,
+    StepRecord,
+    integer,
+)
+from pwf_core.methods.gbnn2d.blending import assign_blends
+from pwf_core.methods.gbnn2d.export import stored_bytes
 from pwf_core.methods.gbnn2d.gaussians import (
     fitted_gaussians,
     kl_normal,
     kmeans_2d,
     parameters_from_covariance,
 )
-from pwf_core.methods.gbnn2d.sharing import (
+from pwf_core.methods.gbnn2d.merging import MergeRule, merge
+from pwf_core.methods.gbnn2d.network import (
     ATTRIBUTE,
-    MergeRule,
-    SharedGaussians,
     install,
+    mixture_snapshot,
     sharing_of,
     weight_points,
 )
+from pwf_core.methods.gbnn2d.sharing import SharedGaussians
 from pwf_core.registry import MethodConfig, register_method
-from pwf_core.train import train
+from pwf_core.train import OptimConfig, TrainingHooks, train
+from pwf_core.types import NonNegativeFloat, PositiveFloat, PositiveInt
 
 MAX_AUTO_GAUSSIANS = 6000
 
@@ -134,6 +148,78 @@ def dataset_size(loader) -> int:
     return world_size() * sum(len(targets) for _, targets in loader)
 
 
+class _MeanFieldHooks(TrainingHooks):
+    """The mean-field BNN's ELBO term and its projection, and (in the last BNN epoch) the
+    accumulated gradient magnitudes that decide the gradient outliers.
+
+    Args:
+        prior_mu: The prior's means (the pretrained weights), flat.
+        config: The method's knobs.
+        num_train: Examples of the whole training set (the ``N`` of ``KL / N``).
+        collect_gradients: Sum ``|dL/dmu|`` per weight over the epoch.
+    """
+
+    def __init__(
+        self,
+        prior_mu: torch.Tensor,
+        config: TwoDGBNNConfig,
+        num_train: int,
+        collect_gradients: bool,
+    ) -> None:
+        self.prior_mu, self.config, self.num_train = prior_mu, config, num_train
+        self.collect_gradients = collect_gradients
+        self.grad_magnitude: torch.Tensor | None = None
+
+    def extra_loss(self, model: nn.Module, task_loss: torch.Tensor) -> torch.Tensor | None:
+        params = bayesian_params(model)
+        priors = self.prior_mu.to(params[0].mu.device).split([p.mu.numel() for p in params])
+        kl = sum(
+            kl_normal(
+                p.mu,
+                p.sigma.clamp_min(self.config.sigma_min),
+                prior.view_as(p.mu),
+                self.config.prior_sigma,
+            )
+            for p, prior in zip(params, priors, strict=True)
+        )
+        return self.config.kl_weight * kl / self.num_train
+
+    def after_backward(self, model: nn.Module) -> None:
+        if not self.collect_gradients:
+            return
+        grads = [
+            p.mu.grad.detach().abs().flatten()
+            if p.mu.grad is not None
+            else p.mu.new_zeros(p.mu.numel())
+            for p in bayesian_params(model)
+        ]
+        step = torch.cat(grads)
+        self.grad_magnitude = step if self.grad_magnitude is None else self.grad_magnitude + step
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module) -> None:
+        for param in bayesian_params(model):
+            param.sigma.clamp_(min=self.config.sigma_min)
+
+
+class _SharedGaussianHooks(TrainingHooks):
+    """VI over the shared Gaussians: their KL to the priors, and the member gradients that
+    decide which may merge."""
+
+    def __init__(self, sharing: SharedGaussians, config: TwoDGBNNConfig, num_train: int) -> None:
+        self.sharing, self.config, self.num_train = sharing, config, num_train
+
+    def extra_loss(self, model: nn.Module, task_loss: torch.Tensor) -> torch.Tensor | None:
+        return self.config.kl_weight * self.sharing.kl() / self.num_train
+
+    def after_backward(self, model: nn.Module) -> None:
+        self.sharing.record_gradient()
+
+
+GAUSSIANS = Column("bnn/gaussians", "Gaussians", integer)
+OUTLIERS = Column("bnn/outliers", "outliers", integer)
+
+
 @register_method
 class TwoDGBNN(Method):
     """Mean-field BNN → shared 2-D Gaussians with outliers and blends → VI with merging."""
@@ -141,6 +227,8 @@ class TwoDGBNN(Method):
     config_class = TwoDGBNNConfig
     bayesian = True
     converted: ClassVar[tuple[str, ...]] = ("weight",)
+    size_knob = "compression.gaussians (K before merging) and compression.tau_d (merging)"
+    table_columns: ClassVar[tuple[Column, ...]] = (GAUSSIANS, OUTLIERS, TOP1, ECE)
     config: TwoDGBNNConfig
 
     def __init__(self, config: TwoDGBNNConfig) -> None:
@@ -148,9 +236,6 @@ class TwoDGBNN(Method):
         self.prior_mu: torch.Tensor | None = None
         self.grad_magnitude: torch.Tensor | None = None
         self.meanfield: dict[str, float] = {}
-        self._stage: str | None = None
-        self._collect_gradients = False
-        self._num_train = 1
 
     # -- plan and state ---------------------------------------------------------------------
 
@@ -194,85 +279,39 @@ class TwoDGBNN(Method):
         if any(key.startswith(prefix) for key in tensors):
             install(model, SharedGaussians.from_state(tensors, prefix))
 
-    # -- training hooks ---------------------------------------------------------------------
-
-    def extra_loss(self, model: nn.Module, task_loss: torch.Tensor) -> torch.Tensor | None:
-        if self._stage == "bnn":
-            kl = self._meanfield_kl(model)
-        elif self._stage == "vi":
-            kl = sharing_of(model).kl()
-        else:
-            return None
-        return self.config.kl_weight * kl / self._num_train
-
-    def _meanfield_kl(self, model: nn.Module) -> torch.Tensor:
-        assert self.prior_mu is not None
-        params = bayesian_params(model)
-        priors = self.prior_mu.to(params[0].mu.device).split([p.mu.numel() for p in params])
-        return sum(
-            kl_normal(
-                p.mu,
-                p.sigma.clamp_min(self.config.sigma_min),
-                prior.view_as(p.mu),
-                self.config.prior_sigma,
-            )
-            for p, prior in zip(params, priors, strict=True)
-        )
-
-    def after_backward(self, model: nn.Module) -> None:
-        if self._stage == "bnn" and self._collect_gradients:
-            grads = [
-                p.mu.grad.detach().abs().flatten()
-                if p.mu.grad is not None
-                else p.mu.new_zeros(p.mu.numel())
-                for p in bayesian_params(model)
-            ]
-            step = torch.cat(grads).cpu()
-            self.grad_magnitude = (
-                step if self.grad_magnitude is None else self.grad_magnitude + step
-            )
-        elif self._stage == "vi":
-            sharing_of(model).record_gradient()
-
-    @torch.no_grad()
-    def after_step(self, model: nn.Module) -> None:
-        if self._stage == "bnn":
-            for param in bayesian_params(model):
-                param.sigma.clamp_(min=self.config.sigma_min)
-
     # -- steps ------------------------------------------------------------------------------
 
-    def _train(self, model: nn.Module, step: Step, ctx: StepContext, lr: float, sigma_lr: float):
+    def _train(
+        self, model: nn.Module, step: Step, ctx: StepContext, lr: float, hooks: TrainingHooks
+    ):
+        sigma_lr = self.config.bnn_sigma_lr if step.stage == "bnn" else lr
         optim = OptimConfig(
             optimizer="adamw", lr=lr, sigma_lr=sigma_lr, weight_decay=0.0, grad_clip=None
         )
-        self._num_train = dataset_size(ctx.train_loader)
-        try:
-            return train(
-                model,
-                ctx.train_loader,
-                optim,
-                epochs=1.0,
-                device=ctx.device,
-                hooks=self,
-                progress=ctx.progress,
-                desc=str(step),
-                epoch_offset=1000 * step.index,
-                log=ctx.log,
-            )
-        finally:
-            self._stage = None
+        return train(
+            model,
+            ctx.train_loader,
+            optim,
+            1.0,
+            device=ctx.device,
+            hooks=hooks,
+            epoch_offset=1000 * step.index,
+            progress=ctx.progress_for(step),
+        )
 
     def run_step(self, model: nn.Module, step: Step, ctx: StepContext) -> StepRecord:
         seed_everything(derive_seed(ctx.seed, step.stage, step.number))
         start = time.perf_counter()
         metrics: dict[str, float] = {}
         if step.stage == "bnn":
-            self._stage = "bnn"
-            self._collect_gradients = step.number == step.of
-            if self._collect_gradients:
-                self.grad_magnitude = None
-            trained = self._train(model, step, ctx, self.config.bnn_lr, self.config.bnn_sigma_lr)
+            assert self.prior_mu is not None, "initialise() records the prior before the BNN"
+            last = step.number == step.of
+            hooks = _MeanFieldHooks(
+                self.prior_mu, self.config, dataset_size(ctx.train_loader), last
+            )
+            trained = self._train(model, step, ctx, self.config.bnn_lr, hooks)
+            if last:  # the outlier rule reads the last BNN epoch's gradients
+                self.grad_magnitude = hooks.grad_magnitude
             metrics |= {"train/loss": trained.mean_loss, "time/train_s": trained.seconds}
         elif step.stage == "mixture":
             if is_main():  # rank 0's points and gradients decide; the others receive it
@@ -280,13 +319,13 @@ class TwoDGBNN(Method):
         else:
             sharing = sharing_of(model)
             sharing.reset_gradients()
-            self._stage = "vi"
-            trained = self._train(model, step, ctx, self.config.vi_lr, self.config.vi_lr)
+            hooks = _SharedGaussianHooks(sharing, self.config, dataset_size(ctx.train_loader))
+            trained = self._train(model, step, ctx, self.config.vi_lr, hooks)
             metrics |= {"train/loss": trained.mean_loss, "time/train_s": trained.seconds}
             if step.number < step.of and is_main():
                 points = weight_points(model).to(sharing.means.device)
-                metrics["bnn/merged"] = float(sharing.merge(points, self.merge_rule))
-                sharing.assign_blends(points)
+                metrics["bnn/merged"] = float(merge(sharing, points, self.merge_rule))
+                assign_blends(sharing, points)
         self.synchronise(model)
         samples = self.config.step_samples
         measured = time.perf_counter()
@@ -355,15 +394,13 @@ class TwoDGBNN(Method):
         for name in ("means", "log_diag", "offdiag", "outlier_mu", "outlier_log_sigma"):
             getattr(sharing, f"prior_{name}").copy_(getattr(sharing, name).detach())
         install(model, sharing)
-        sharing.assign_blends(points)
+        assign_blends(sharing, points)
         return sharing
 
     # -- measurements -----------------------------------------------------------------------
 
     def structure_metrics(self, model: nn.Module) -> dict[str, float]:
         """Counts of Gaussians, outliers and blends; trainable parameters and stored bytes."""
-        from pwf_core.methods.gbnn2d.export import stored_bytes
-
         sharing = sharing_of(model)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if sharing is None:  # the mean-field BNN: mu and sigma of every weight, all float32
@@ -377,8 +414,28 @@ class TwoDGBNN(Method):
             "size/bytes": float(stored_bytes(model)),
         }
 
-    def prediction(self) -> tuple[int, str]:
-        return self.config.eval_samples, "logits"
+    def describe(self, metrics: Mapping[str, float], step: Step | None = None) -> list[str]:
+        """``98 Gaussians``, ``876 outliers`` once the mixture exists."""
+        return [
+            f"{int(metrics[column.key])} {column.label}"
+            for column in (GAUSSIANS, OUTLIERS)
+            if column.key in metrics
+        ]
+
+    def summary_line(self, metrics: Mapping[str, float]) -> str:
+        return (
+            f"top-1 {100 * metrics['cls/acc']:.2f} %, NLL {metrics['cls/nll']:.4f}, ECE "
+            f"{metrics['cal/ece']:.4f} with {int(metrics['bnn/gaussians'])} shared Gaussians, "
+            f"{int(metrics['bnn/outliers'])} outliers; "
+            f"{int(metrics['size/trainable_params']):,} trainable parameters "
+            f"(mean-field BNN: {int(metrics['meanfield/size/trainable_params']):,})"
+        )
+
+    def figures(self, model: nn.Module, seed: int) -> list[Figure]:
+        """The (mu, sigma) points coloured by Gaussian, with each Gaussian's 95 % ellipse."""
+        if sharing_of(model) is None:
+            return []
+        return [Figure("mixture", "gaussian_mixture", mixture_snapshot(model, seed=seed))]
 
     def finalize(self, model: nn.Module, ctx: StepContext) -> dict[str, float]:
         """The stochastic model's metrics (``eval_samples`` averaged logits), the mean-weight
@@ -386,7 +443,9 @@ class TwoDGBNN(Method):
         set_sampling(model, None)
         model.eval()
         seed_everything(derive_seed(ctx.seed, "final-eval"))
-        metrics = ctx.evaluate(model, mc_samples=self.config.eval_samples, average="logits")
+        metrics = ctx.evaluate(
+            model, mc_samples=self.config.eval_samples, average="logits", keep=True
+        )
         mean = ctx.evaluate(model)
         metrics |= {f"{key}_mean": value for key, value in mean.items()}
         metrics |= self.structure_metrics(model) | self.meanfield

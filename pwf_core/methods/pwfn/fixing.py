@@ -27,11 +27,11 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from pwf_core.bayes import bayesian_params, set_sigma_regulariser
-from pwf_core.config import NonNegativeFloat, PositiveFloat
-from pwf_core.methods.base import SUMMARY_COLUMNS, FixingConfig, FixingMethod, FlatWeights
 from pwf_core.methods.pwfn.codebook import Codebook, pow2_codebook
 from pwf_core.methods.pwfn.variance import DEFAULT_REG, SIGMA_CAP, init_sigma_, quantile
+from pwf_core.methods.rounds import SUMMARY_COLUMNS, FixingConfig, FixingMethod, FlatWeights
 from pwf_core.registry import register_method
+from pwf_core.types import NonNegativeFloat, PositiveFloat
 
 SIGMA_DISTANCE_FLOOR = 2.0**-20
 
@@ -310,12 +310,16 @@ def auto_b(model: nn.Module) -> int:
     return int(min(20, max(1, round(-math.log2(median)))))
 
 
-@register_method
+@register_method(default=True)
 class PWFN(FixingMethod):
     """Probabilistic weight fixing: sigma-scaled greedy fixing to (additive) powers of two."""
 
     config_class = PWFNConfig
     bayesian = True
+    size_knob = (
+        "compression.b (smallest power of two 2^-b: lower b, fewer values) and "
+        "compression.max_order"
+    )
     config: PWFNConfig
 
     def __init__(self, config: PWFNConfig) -> None:

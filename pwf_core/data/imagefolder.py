@@ -1,0 +1,85 @@
+"""An ImageNet-style tree of image files: ``train/<class>/*`` and ``val/<class>/*``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch.utils.data import Subset
+
+from pwf_core.data.splits import ImageDataset, split_indices
+from pwf_core.errors import DatasetError
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+SAMPLE_CHECKED = 64  # image files decoded per split before anything starts
+
+
+def read_image(path: str):
+    """An RGB image, or :class:`DatasetError` naming the file that does not decode."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as handle:
+            image = Image.open(handle)
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise DatasetError(f"image '{path}' cannot be read: {err}") from None
+
+
+def _check_images(dataset, split: str) -> None:
+    if len(dataset.samples) == 0:
+        raise DatasetError(f"'{dataset.root}' ({split}) holds no image files")
+    step = max(1, len(dataset.samples) // SAMPLE_CHECKED)
+    for path, _ in dataset.samples[::step][:SAMPLE_CHECKED]:
+        read_image(path)
+
+
+def load_imagefolder_dataset(folder: Path, img_size: int, val_fraction: float, workers: int):
+    """An ImageNet-style tree: ``folder/train/<class>/*`` and ``folder/val/<class>/*``.
+
+    A spread of up to 64 files per split is decoded at once, so a folder of broken files fails
+    before training starts; any other broken file fails with its path when it is read.
+    """
+    from torchvision import datasets, transforms
+
+    for split in ("train", "val"):
+        if not (folder / split).is_dir():
+            raise DatasetError(f"image folder '{folder}' has no '{split}/' subfolder")
+    normalise = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(img_size),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            normalise,
+        ]
+    )
+    eval_tf = transforms.Compose(
+        [
+            transforms.Resize(int(img_size * 256 / 224)),
+            transforms.CenterCrop(img_size),
+            transforms.ToTensor(),
+            normalise,
+        ]
+    )
+    try:
+        train_full = datasets.ImageFolder(str(folder / "train"), train_tf, loader=read_image)
+        val_full = datasets.ImageFolder(str(folder / "train"), eval_tf, loader=read_image)
+        test = datasets.ImageFolder(str(folder / "val"), eval_tf, loader=read_image)
+    except (FileNotFoundError, OSError) as err:
+        raise DatasetError(f"cannot read image folder '{folder}': {err}") from None
+    _check_images(train_full, "train")
+    _check_images(test, "val")
+    if train_full.classes != test.classes:
+        raise DatasetError(f"'{folder}/train' and '{folder}/val' have different class folders")
+    train_idx, val_idx = split_indices(len(train_full), val_fraction)
+    return ImageDataset(
+        name="imagefolder",
+        num_classes=len(train_full.classes),
+        in_chans=3,
+        img_size=img_size,
+        train=Subset(train_full, train_idx.tolist()),
+        val=Subset(val_full, val_idx.tolist()) if len(val_idx) else None,
+        test=test,
+        num_workers=workers,
+    )
