@@ -1,8 +1,5 @@
 """pwf orchestration: Prefect flows, MLflow tracking, Optuna sweeps and the ``pwf`` command.
 
-Importing this package applies offline-safe defaults before Prefect and MLflow load.
+Importing it changes nothing in the process: the ``pwf`` command, and each flow when it
+starts on a worker, apply the offline-safe defaults of :mod:`pwf_flows.environment`.
 """
-
-from pwf_flows.environment import configure_environment
-
-configure_environment()

@@ -23,10 +23,10 @@ import os
 import signal
 import sys
 import time
+from importlib import resources
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import pwf_flows  # noqa: F401  (offline environment defaults before Prefect/MLflow import)
 from pwf_core._files import CheckpointError
 from pwf_core.config import (
     ConfigError,
@@ -35,6 +35,8 @@ from pwf_core.config import (
     parse_override_strings,
 )
 from pwf_core.data import DatasetError
+from pwf_core.registry import create_method
+from pwf_flows.environment import configure_environment
 from pwf_flows.errors import ServerError, TrackingError
 from pwf_flows.infra import (
     DiskFull,
@@ -49,19 +51,12 @@ from pwf_flows.infra import (
 )
 from pwf_flows.run_lock import ExperimentBusy
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
+# The embedded default experiment ships inside the package (an installed wheel has no
+# checkout to find it in); configs/default.yaml in the repository is the same file.
+DEFAULT_CONFIG = Path(str(resources.files("pwf_flows.configs") / "default.yaml"))
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
-SIZE_KNOBS = {
-    "pwfn": "compression.b (smallest power of two 2^-b: lower b, fewer values) and "
-    "compression.max_order",
-    "wfn": "compression.delta and compression.b",
-    "kmeans": "compression.clusters",
-    "uniform": "compression.bits",
-    "2dgbnn": "compression.gaussians (K before merging) and compression.tau_d (merging)",
-}
 
 
 def _version() -> str:
@@ -98,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         nargs="?",
         type=Path,
         default=DEFAULT_CONFIG,
-        help=f"experiment YAML (default: {DEFAULT_CONFIG.relative_to(ROOT)})",
+        help="experiment YAML (default: the embedded configs/default.yaml)",
     )
     _add_common(run, "a config field, e.g. --set compression.reg=0.001")
     run.add_argument(
@@ -185,7 +180,7 @@ def _check_storage(url: str) -> None:
     masked)."""
     import sqlalchemy
 
-    from pwf_flows.sweep_spec import masked_url
+    from pwf_flows.sweep.spec import masked_url
 
     if url.startswith("sqlite"):
         return  # a file: nothing to reach
@@ -325,9 +320,10 @@ def _run(config, artifacts: str, args: argparse.Namespace) -> int:
     verb = "was already complete (nothing changed; --fresh to run again)"
     if not result["already_complete"]:
         verb = f"finished in {time.perf_counter() - started:.0f} s"
-    knob = SIZE_KNOBS.get(config.compression.method)
+    method = create_method(config.compression)
+    knob = method.size_knob
     print(
-        f"\npwf run {verb}\n  {_result_line(metrics)}\n"
+        f"\npwf run {verb}\n  {method.summary_line(metrics)}\n"
         + (f"  fewer or more values: turn {knob}\n" if knob else "")
         + f"  artifacts:  {result['artifacts']}\n"
         f"  MLflow run: {result['run_id']} in experiment '{result['experiment']}' "
@@ -338,23 +334,8 @@ def _run(config, artifacts: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def _result_line(metrics: dict[str, float]) -> str:
-    accuracy = f"top-1 {100 * metrics['cls/acc']:.2f} %"
-    if "bnn/gaussians" in metrics:
-        return (
-            f"{accuracy}, NLL {metrics['cls/nll']:.4f}, ECE {metrics['cal/ece']:.4f} with "
-            f"{int(metrics['bnn/gaussians'])} shared Gaussians, {int(metrics['bnn/outliers'])} "
-            f"outliers; {int(metrics['size/trainable_params']):,} trainable parameters "
-            f"(mean-field BNN: {int(metrics['meanfield/size/trainable_params']):,})"
-        )
-    return (
-        f"{accuracy} with {int(metrics['ws/unique_values'])} unique values "
-        f"({100 * metrics['ws/fixed_fraction']:.0f} % of weights fixed)"
-    )
-
-
 def sweep_command(args: argparse.Namespace) -> int:
-    from pwf_flows.sweep_spec import load_sweep, masked_url
+    from pwf_flows.sweep.spec import load_sweep, masked_url
 
     overrides = parse_override_strings(args.overrides)
     if args.artifacts:
@@ -362,7 +343,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     spec = load_sweep(args.sweep, overrides)
     args.artifacts_folder = check_artifacts_dir(spec.execution.artifacts_dir)
     if args.report:
-        from pwf_flows.sweep import pareto_report  # imports Optuna: after validation
+        from pwf_flows.sweep.report import pareto_report  # imports Optuna: after validation
 
         table = pareto_report(spec)
         if table is None:
@@ -384,7 +365,7 @@ def sweep_command(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     with prefect_api():
-        from pwf_flows.sweep import pwf  # Prefect reads the server URL now
+        from pwf_flows.sweep.flow import pwf  # Prefect reads the server URL now
 
         _no_tracebacks_for_expected_failures()
         result = pwf(sweep=str(args.sweep), overrides=overrides, progress=not args.no_progress)
@@ -466,6 +447,7 @@ def _disk_message(err: BaseException, where: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
+    configure_environment()  # offline defaults, before Prefect or MLflow is imported
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if args.command == "run":

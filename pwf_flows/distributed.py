@@ -39,9 +39,11 @@ def share_state(run) -> None:
 
 def follow(config: ExperimentConfig) -> None:
     """Ranks > 0: do what rank 0 announces until it says ``done``."""
+    from pwf_core.api import Compression
+    from pwf_core.data import load_dataset
     from pwf_core.pretrain import build_experiment_model, pretrain
-    from pwf_flows.experiment import _compression, _dataset
 
+    dataset = load_dataset(config.data)
     run = None
     while True:
         message: list = [None]
@@ -50,12 +52,11 @@ def follow(config: ExperimentConfig) -> None:
         if command == "done":
             return
         if command == "pretrain":
-            dataset = _dataset(config.data)
             model = build_experiment_model(config, dataset)
             pretrain(model, dataset, config, config.resolved_device(), progress=False)
         elif command == "sync":
             if run is None:
-                run = _compression(config, progress=False, log=None)
+                run = Compression.from_config(config, dataset, progress=False)
                 to_bayesian(run.model, attrs=run.method.converted)
                 run.method.attach(run.model)
             broadcast_run_state(run.model, run.method)

@@ -125,6 +125,15 @@ def gaussian_scatter(snapshot: dict, path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
+def draw_figure(figure, path: Path, title: str) -> Path:
+    """Draw a method's figure (:class:`pwf_core.methods.Figure`) by its kind.
+
+    Raises:
+        KeyError: for a kind nothing here draws.
+    """
+    return FIGURE_KINDS[figure.kind](figure.data, path, title)
+
+
 def reliability_diagram(bins: dict[str, list[float]], path: Path, title: str) -> Path:
     """Accuracy against confidence per bin (bars) with the diagonal of perfect calibration."""
     fig, ax = plt.subplots(figsize=(4.8, 4.8))
@@ -205,3 +214,7 @@ def bar_chart(values: dict[str, float], path: Path, title: str, xlabel: str) -> 
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=10)
     return _save(fig, path)
+
+
+# What each kind of method figure is drawn with (kinds are types of plots, not methods).
+FIGURE_KINDS = {"gaussian_mixture": gaussian_scatter}

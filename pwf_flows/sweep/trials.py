@@ -26,7 +26,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from pwf_flows.infra import StudyStorageUnavailable, is_transient, retry_transient
-from pwf_flows.sweep_spec import expand_storage, masked_url
+from pwf_flows.sweep.spec import expand_storage, masked_url
 from pwf_flows.tracking import sqlite_creation_lock
 
 MAX_RETRIES = 3

@@ -1,0 +1,154 @@
+"""What a sweep leaves: the trials table, the Pareto front, parameter importances and summary
+metrics on its parent MLflow run."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+from prefect import get_run_logger
+
+from pwf_core._files import atomic_path
+from pwf_flows.plots import bar_chart, pareto_front
+from pwf_flows.sweep.spec import OBJECTIVES, SweepSpec
+from pwf_flows.sweep.study import REPORTED, trials_in
+from pwf_flows.tracking import RunTracker
+
+MIN_IMPORTANCE_TRIALS = 5
+DROP_TOLERANCE = 0.01  # "smallest unique count at <= 1 point drop"
+
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    """One row per complete trial: parameters, accuracy, unique values, Pareto membership."""
+    front = (
+        {t.number for t in study.best_trials} if trials_in(study, TrialState.COMPLETE) else set()
+    )
+    rows = [
+        {
+            "trial": t.number,
+            **{f"param.{k}": v for k, v in t.params.items()},
+            **{name: t.user_attrs.get(name) for name in REPORTED},
+            "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
+            "pareto": t.number in front,
+        }
+        for t in trials_in(study, TrialState.COMPLETE)
+    ]
+    return pd.DataFrame(rows)
+
+
+def summary_metrics(study: optuna.Study, table: pd.DataFrame) -> dict[str, float]:
+    """Best top-1, the smallest unique count within one point of the reference accuracy, and
+    the size of the Pareto front (the reference: the pretrained model's top-1 when trials
+    recorded it, else the best trial's)."""
+    if table.empty:
+        return {"sweep/complete_trials": 0.0}
+    references = [
+        t.user_attrs["pretrained_accuracy"]
+        for t in trials_in(study, TrialState.COMPLETE)
+        if t.user_attrs.get("pretrained_accuracy") is not None
+    ]
+    reference = max(references) if references else float(table["accuracy"].max())
+    close = table[table["accuracy"] >= reference - DROP_TOLERANCE]
+    return {
+        "sweep/complete_trials": float(len(table)),
+        "sweep/best_accuracy": float(table["accuracy"].max()),
+        "sweep/reference_accuracy": float(reference),
+        "sweep/min_unique_values_within_1pt": (
+            float(close["unique_values"].min()) if not close.empty else math.nan
+        ),
+        "sweep/pareto_size": float(table["pareto"].sum()),
+    }
+
+
+def importances(study: optuna.Study, spec: SweepSpec) -> dict[str, dict[str, float]]:
+    """Parameter importances per objective, for the direction it is optimised in.
+
+    Optuna's evaluator ranks what leads to *low* values, so maximised objectives are negated.
+    With fewer than :data:`MIN_IMPORTANCE_TRIALS` complete trials there is nothing to rank.
+    """
+    complete = trials_in(study, TrialState.COMPLETE)
+    if len(complete) < MIN_IMPORTANCE_TRIALS:
+        return {}
+    found = {}
+    for index, name in enumerate(spec.study.objectives):
+        sign = -1.0 if OBJECTIVES[name].direction == "maximize" else 1.0
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                found[name] = optuna.importance.get_param_importances(
+                    study, target=lambda t, i=index, s=sign: s * t.values[i]
+                )
+        except (RuntimeError, ValueError, ZeroDivisionError) as err:
+            get_run_logger().info("no parameter importances for %s: %s", name, err)
+    return found
+
+
+def method_label(spec: SweepSpec) -> str:
+    """The method a sweep tunes, or "several methods" when the space swaps the section."""
+    methods = {
+        spec.trial_config(
+            {key: label for key, label in zip(spec.space, labels, strict=True)}
+        ).compression.method
+        for labels in zip(*(dim.probe_labels() for dim in spec.space.values()), strict=False)
+    }
+    return methods.pop() if len(methods) == 1 else "several methods"
+
+
+def report_sweep(
+    study: optuna.Study, spec: SweepSpec, parent: RunTracker, folder: Path
+) -> pd.DataFrame:
+    """Log the trials table, the front, the importances and the summary to ``parent``."""
+    logger = get_run_logger()
+    table = trials_table(study)
+    tables = folder / "trials.parquet"
+    with atomic_path(tables) as tmp:
+        table.to_parquet(tmp, index=False)
+    parent.log_artifact(tables, "tables")
+    summary = summary_metrics(study, table)
+    if not table.empty:
+        title = f"{spec.name}: {len(table)} trials ({method_label(spec)})"
+        objectives = spec.study.objectives
+        cost = objectives[1] if objectives[0] == "accuracy" and len(objectives) > 1 else None
+        plot = pareto_front(
+            table,
+            folder / "pareto_front.png",
+            title,
+            summary.get("sweep/reference_accuracy"),
+            cost=cost if cost in table else "unique_values",
+            cost_label=OBJECTIVES[cost].label if cost in table else "unique values",
+        )
+        parent.log_artifact(plot, "plots")
+    found = importances(study, spec)
+    if not found:
+        logger.info(
+            "parameter importances skipped: %d complete trials, at least %d needed",
+            len(table),
+            MIN_IMPORTANCE_TRIALS,
+        )
+    for name, values in found.items():
+        objective = OBJECTIVES[name]
+        better = "higher" if objective.direction == "maximize" else "lower"
+        path = bar_chart(
+            values,
+            folder / f"importance_{name}.png",
+            f"what drives {objective.label} ({better} is better)\n"
+            f"{spec.name}, {method_label(spec)}, {len(table)} trials",
+            "importance (PED-ANOVA, normalised)",
+        )
+        parent.log_artifact(path, "plots")
+    parent.log_metrics(summary)
+    return table
+
+
+def pareto_report(spec: SweepSpec) -> pd.DataFrame | None:
+    """The study's complete trials with the Pareto front marked; ``None`` without a study."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=spec.name, storage=spec.study.resolved_storage())
+    except KeyError:
+        return None
+    return trials_table(study)

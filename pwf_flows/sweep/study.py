@@ -1,0 +1,123 @@
+"""The study: opened (or continued) with a sampler seeded for where it stands, asked for a
+trial's settings, told a trial's result."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from optuna.samplers import BaseSampler, GridSampler, NSGAIISampler, RandomSampler, TPESampler
+from optuna.trial import FrozenTrial, TrialState
+
+from pwf_core._seeding import derive_seed
+from pwf_core.config import ExperimentConfig
+from pwf_flows.sweep.spec import OBJECTIVES, SweepSpec
+from pwf_flows.sweep.trials import quiet_optuna, storage_for
+
+TRIAL_TAG = "sweep.trial"
+REPORTED = {
+    "accuracy": "cls/acc",
+    "unique_values": "ws/unique_values",
+    "nll": "cls/nll",
+    "ece": "cal/ece",
+}
+
+
+class SweepGridSampler(GridSampler):
+    """Optuna's grid sampler for ask-and-tell: it does not stop the study.
+
+    ``GridSampler`` stops the study from ``after_trial`` once the grid is used up, and
+    ``Study.stop`` raises outside ``optimize``: the ``tell`` of the last grid point crashed the
+    sweep. The driver decides when a sweep is done (``n_trials`` complete trials), so there is
+    nothing to stop.
+    """
+
+    def after_trial(self, study, trial, state, values) -> None:  # type: ignore[override]
+        return None
+
+
+def sampler_for(spec: SweepSpec, trials_so_far: int) -> BaseSampler:
+    """The spec's sampler, seeded from the study seed and how many trials the study holds.
+
+    Rebuilt with the bare seed on every start, a continued sweep would ask the very points it
+    asked the first time.
+    """
+    seed = derive_seed(spec.study.seed, "sampler", trials_so_far)
+    if spec.sampler == "grid":
+        return SweepGridSampler(spec.grid(), seed=seed)
+    if spec.sampler == "nsga2":
+        return NSGAIISampler(seed=seed)
+    if spec.sampler == "random":
+        return RandomSampler(seed=seed)
+    return TPESampler(seed=seed)
+
+
+def open_study(spec: SweepSpec) -> optuna.Study:
+    """Create the study, or load it to continue (same name and storage)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = storage_for(spec.study.resolved_storage(), spec.study.heartbeat_s)
+    study = optuna.create_study(
+        study_name=spec.name,
+        storage=storage,
+        directions=spec.study.directions,
+        load_if_exists=True,
+    )
+    study.sampler = sampler_for(spec, len(study.get_trials(deepcopy=False)))
+    with quiet_optuna():
+        study.set_metric_names([OBJECTIVES[name].label for name in spec.study.objectives])
+    return study
+
+
+def trials_in(study: optuna.Study, *states: TrialState) -> list[FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=states)
+
+
+def objective_values(spec: SweepSpec, metrics: dict[str, float]) -> list[float]:
+    """The trial's values in the order of the study's objectives (and directions)."""
+    return [float(metrics[key]) for key in spec.study.metric_keys]
+
+
+def tell(study: optuna.Study, spec: SweepSpec, number: int, result: dict[str, Any]) -> None:
+    """Report a finished trial: its objective values, and what the report and links need."""
+    metrics = result["metrics"]
+    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+    for name, key in REPORTED.items():
+        if key in metrics:
+            study._storage.set_trial_user_attr(trial_id, name, float(metrics[key]))
+    for key in ("mlflow_run_id", "pretrained_accuracy"):
+        if result.get(key) is not None:
+            study._storage.set_trial_user_attr(trial_id, key, result[key])
+    study.tell(number, objective_values(spec, metrics))
+
+
+def suggest(trial: optuna.Trial, spec: SweepSpec) -> ExperimentConfig:
+    """Draw the trial's values from the space and build its experiment config."""
+    for key, dim in spec.space.items():
+        if dim.choices is not None:
+            trial.suggest_categorical(key, dim.labels())
+        elif dim.int_range is not None:
+            step = int(dim.step or 1)
+            trial.suggest_int(key, *dim.int_range, step=step, log=dim.log)
+        else:
+            trial.suggest_float(key, *dim.float_range, step=dim.step, log=dim.log)  # type: ignore[misc]
+    return spec.trial_config(trial.params)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def trial_run_name(number: int, params: dict[str, Any]) -> str:
+    """``trial-3 reg=0.00123, b=5``: the trial's number and what it tried."""
+    described = ", ".join(f"{key.split('.')[-1]}={_short(v)}" for key, v in params.items())
+    return f"trial-{number} {described}".strip()
+
+
+def duplicate_of(study: optuna.Study, trial: optuna.Trial) -> int | None:
+    """The number of a complete or running trial with the same parameters, if any."""
+    for other in trials_in(study, TrialState.COMPLETE, TrialState.RUNNING):
+        if other.number != trial.number and other.params == trial.params:
+            return other.number
+    return None
