@@ -42,9 +42,9 @@ def run_case(name: str, device: str) -> dict:
     """Run one case in this process and return its measurements."""
     from pwf_core.bayes import to_bayesian
     from pwf_core.methods import FlatWeights, fixed_target
-    from pwf_core.methods.base import PAPER_SCHEDULE
     from pwf_core.methods.pwfn import pwfn_fix_round
     from pwf_core.methods.pwfn.variance import init_sigma_, prior_sigma
+    from pwf_core.methods.rounds import PAPER_SCHEDULE
     from pwf_core.models import build_model
 
     torch.manual_seed(0)

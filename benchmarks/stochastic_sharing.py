@@ -25,7 +25,9 @@ from torch import nn
 from pwf_core.bayes import bayesian_params
 from pwf_core.config import OptimConfig
 from pwf_core.methods.gbnn2d import TwoDGBNN, TwoDGBNNConfig
-from pwf_core.methods.gbnn2d.sharing import sharing_of, weight_points
+from pwf_core.methods.gbnn2d.blending import assign_blends
+from pwf_core.methods.gbnn2d.merging import merge
+from pwf_core.methods.gbnn2d.network import sharing_of, weight_points
 from pwf_core.models import build_model
 from pwf_core.train import TrainingHooks, build_optimizer
 
@@ -124,8 +126,8 @@ def mixture_and_merge(device: str) -> dict:
     before = sharing.num_gaussians
     points = weight_points(model)
     started = time.perf_counter()
-    merged = sharing.merge(points, method.merge_rule)
-    sharing.assign_blends(points)
+    merged = merge(sharing, points, method.merge_rule)
+    assign_blends(sharing, points)
     merge_s = time.perf_counter() - started
     return {
         "case": "resnet18 mixture init + merge",

@@ -11,8 +11,12 @@ import torch
 from pwf_core.config import ExperimentConfig, load_config
 from pwf_core.data import ImageDataset, load_dataset
 from pwf_core.pretrain import build_experiment_model, pretrain
+from pwf_flows.environment import configure_environment
 
 torch.set_num_threads(2)
+# What the pwf command does when it starts (offline Prefect and MLflow), before any test
+# module imports Prefect.
+configure_environment()
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
@@ -23,8 +27,6 @@ def prefect_server():
     """One real Prefect server (a temporary database) for the whole test run; yields its URL."""
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
-
-    import pwf_flows  # noqa: F401  (offline defaults before Prefect loads)
 
     with prefect_test_harness(server_startup_timeout=120):
         yield PREFECT_API_URL.value()

