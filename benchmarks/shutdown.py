@@ -23,23 +23,17 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 from results_file import write_results
 
+# Run from the repository root, a script has only benchmarks/ on its path: the root goes first,
+# for the test services that start and watch processes.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests._dummies.services import temporary_server, wait_until
+
 RESULTS = Path(__file__).parent / "results" / "shutdown.json"
 CASES = {
     "SIGTERM to the process group and the Prefect server": "group",
     "SIGTERM to pwf alone": "alone",
     "SIGINT (Ctrl-C)": "interrupt",
 }
-
-
-def _server_of(parent: int) -> int:
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            child = f"PPid:\t{parent}\n" in status.read_text()
-            if child and b"uvicorn" in (status.parent / "cmdline").read_bytes():
-                return int(status.parent.name)
-        except OSError:
-            continue
-    raise RuntimeError("no temporary Prefect server found")
 
 
 def stop_once(how: str, workdir: Path) -> dict:
@@ -59,16 +53,14 @@ def stop_once(how: str, workdir: Path) -> dict:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    while not list((workdir / "artifacts").rglob("run.owner")):
-        if process.poll() is not None:
-            raise RuntimeError((workdir / f"{how}.log").read_text()[-2000:])
-        time.sleep(0.2)
+    started_run = lambda: any((workdir / "artifacts").rglob("run.owner"))  # noqa: E731
+    wait_until(started_run, "the run to start", timeout=300, processes=[process])
     time.sleep(5)  # well inside pretraining
     started = time.monotonic()
     if how == "group":
-        server = _server_of(process.pid)
+        server = temporary_server(process.pid)
         os.killpg(process.pid, signal.SIGTERM)
-        os.kill(server, signal.SIGTERM)
+        server.send_signal(signal.SIGTERM)
     else:
         process.send_signal(signal.SIGTERM if how == "alone" else signal.SIGINT)
     process.wait(timeout=300)

@@ -17,9 +17,7 @@ of these the same command continues where the run stopped.
 from __future__ import annotations
 
 import argparse
-import base64
 import logging
-import os
 import signal
 import sys
 import time
@@ -36,18 +34,22 @@ from pwf_core.config import (
 )
 from pwf_core.data import DatasetError
 from pwf_core.registry import create_method
+from pwf_flows.checks import (
+    already_finished,
+    check_artifacts_dir,
+    check_disk,
+    check_not_running,
+    check_servers,
+    check_storage,
+    check_tracking_experiment,
+)
 from pwf_flows.environment import configure_environment
 from pwf_flows.errors import ServerError, TrackingError
 from pwf_flows.infra import (
     DiskFull,
     InfraUnavailable,
-    PrefectUnavailable,
-    StudyStorageUnavailable,
-    TrackingUnavailable,
     is_disk_full,
-    retry_transient,
     set_infra_timeout,
-    wait_for_http,
 )
 from pwf_flows.run_lock import ExperimentBusy
 
@@ -124,114 +126,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_artifacts_dir(path: str) -> str:
-    """Raise :class:`ConfigError` unless ``path`` is (or can become) a writable folder."""
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"--artifacts: '{folder}' is a file, not a folder")
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--artifacts: cannot create or write '{folder}' ({existing})")
-    return path
-
-
-def _check_servers() -> None:
-    """The tracking server and the Prefect API (when pwf does not start its own) must answer
-    within 30 s: exit 3 or 4, naming the one that does not."""
-    from pwf_flows.tracking import shown_uri, tracking_uri
-
-    uri = tracking_uri()
-    if uri.startswith(("http://", "https://")):
-        wait_for_http(
-            f"{uri.rstrip('/')}/health",
-            f"the MLflow tracking server {shown_uri(uri)}",
-            TrackingUnavailable,
-        )
-    _check_prefect()
-
-
-def _check_tracking(experiment: str) -> None:
-    """Fail early when MLflow cannot take runs for ``experiment`` (it was deleted)."""
-    from pwf_flows.tracking import client, experiment_id
-
-    existing = client().get_experiment_by_name(experiment)
-    if existing is not None and existing.lifecycle_stage == "deleted":
-        experiment_id(client(), experiment)  # raises the explanation
-
-
-def _check_prefect() -> None:
-    """With ``PREFECT_API_URL`` set, the Prefect server must answer within 30 s (exit 4)."""
-    url = os.environ.get("PREFECT_API_URL")
-    if not url:
-        return  # pwf starts a temporary server of its own
-    headers = {}
-    auth = os.environ.get("PREFECT_API_AUTH_STRING")
-    if auth:
-        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
-    wait_for_http(
-        f"{url.rstrip('/')}/health", f"the Prefect API {url}", PrefectUnavailable, headers=headers
-    )
-
-
-def _check_storage(url: str) -> None:
-    """The study database must answer within 30 s (exit 5, naming it with the password
-    masked)."""
-    import sqlalchemy
-
-    from pwf_flows.sweep.spec import masked_url
-
-    if url.startswith("sqlite"):
-        return  # a file: nothing to reach
-    engine = sqlalchemy.create_engine(url, pool_pre_ping=True)
-    try:
-
-        def connect() -> None:
-            with engine.connect():
-                pass
-
-        retry_transient(
-            connect, f"the study database {masked_url(url)}", StudyStorageUnavailable, 30.0
-        )
-    finally:
-        engine.dispose()
-
-
-def _check_disk(config, artifacts: str, runs: int = 1) -> None:
-    """Say how much disk the run needs; refuse (exit 6) when the folder has less free."""
-    from pwf_core.checkpoint import checkpoint_size
-    from pwf_core.data import load_dataset
-    from pwf_core.pretrain import model_spec
-    from pwf_core.registry import create_method
-    from pwf_flows.artifacts import disk_plan, human_bytes
-
-    spec = model_spec(config, load_dataset(config.data))
-    size = checkpoint_size(spec.build, create_method(config.compression))
-    plan = disk_plan(config, size, artifacts, runs)
-    needs = f"about {human_bytes(plan.needed)} under {plan.folder} ({plan.detail})"
-    if not plan.fits:
-        raise DiskFull(
-            f"the run needs {needs}, but only {human_bytes(plan.free)} is free there; free "
-            "space or choose another folder with --artifacts"
-        )
-    print(f"disk: needs {needs}; {human_bytes(plan.free)} free", file=sys.stderr)
-
-
-def _check_not_running(config, artifacts: str) -> None:
-    """Refuse (exit 2) when another live process computes the same experiment."""
-    from pwf_flows.artifacts import ExperimentFiles
-    from pwf_flows.run_lock import owner_of
-
-    files = ExperimentFiles.for_config(config, artifacts)
-    owner = owner_of(files.lock_folder)
-    if owner is not None:
-        raise ExperimentBusy(
-            f"experiment '{config.name}' ({files.root}) is already running in {owner}; wait "
-            "for it to finish, or stop it first (a rerun continues where it stopped)"
-        )
-
-
 def _browse_hint(tracking_uri: str) -> str:
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri}"
@@ -258,11 +152,11 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> int:
         follow(config)  # rank 0 checked the input and runs the flow; follow its lead
         return 0
     preflight(config)
-    _check_not_running(config, artifacts)
-    _check_servers()
-    if args.fresh or not _finished(config, artifacts):
-        _check_disk(config, artifacts)
-    _check_tracking(config.name)
+    check_not_running(config, artifacts)
+    check_servers()
+    if args.fresh or not already_finished(config, artifacts):
+        check_disk(config, artifacts)
+    check_tracking_experiment(config.name)
     if args.nproc > 1 and not distributed:
         from pwf_flows.distributed import relaunch
 
@@ -286,13 +180,6 @@ def _without_nproc(argv: list[str]) -> list[str]:
         elif not item.startswith("--nproc="):
             kept.append(item)
     return kept
-
-
-def _finished(config, artifacts: str) -> bool:
-    from pwf_flows.artifacts import ExperimentFiles
-    from pwf_flows.results import finished_result
-
-    return finished_result(config, ExperimentFiles.for_config(config, artifacts)) is not None
 
 
 def _run(config, artifacts: str, args: argparse.Namespace) -> int:
@@ -357,10 +244,10 @@ def sweep_command(args: argparse.Namespace) -> int:
         print(table.to_string(index=False) if not table.empty else "(no complete trial)")
         return 0
     set_infra_timeout(spec.infra_timeout_s)
-    _check_servers()
-    _check_storage(spec.study.resolved_storage())
-    _check_disk(spec.trial_config({}), spec.execution.artifacts_dir, runs=spec.n_trials)
-    _check_tracking(spec.name)
+    check_servers()
+    check_storage(spec.study.resolved_storage())
+    check_disk(spec.trial_config({}), spec.execution.artifacts_dir, runs=spec.n_trials)
+    check_tracking_experiment(spec.name)
     from pwf_flows.server import prefect_api
 
     started = time.perf_counter()

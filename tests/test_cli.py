@@ -23,6 +23,7 @@ from tests._dummies.files import (
     write_crafted_pt,
     write_image_folder,
 )
+from tests._dummies.services import exited, temporary_server, wait_until
 from tests.conftest import DEFAULT_CONFIG, ROOT
 
 
@@ -269,28 +270,6 @@ def test_artifact_files_are_created_with_the_umask(tmp_path):
     assert (tmp_path / "t.safetensors").stat().st_mode & 0o777 == 0o644
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            fields = dict(
-                line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line
-            )
-        except OSError:
-            continue
-        if fields.get("PPid", "").strip() == str(pid):
-            found.append(int(status.parent.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    return "State:\tZ" not in state
-
-
 def _start_pwf(tmp_path: Path, *extra: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlruns.db'}"
@@ -305,39 +284,21 @@ def _start_pwf(tmp_path: Path, *extra: str) -> subprocess.Popen:
     )
 
 
-def _wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        assert process.poll() is None, f"pwf exited before {what}: {process.stdout.read()[-3000:]}"
-        assert time.time() < deadline, f"{what} did not happen"
-        time.sleep(0.2)
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_sigkill_leaves_no_temporary_server_behind(tmp_path):
     process = _start_pwf(tmp_path, "--set", "pretrain.epochs=200")
-    servers: list[int] = []
+    servers = []
 
     def server_up() -> bool:
-        servers[:] = [p for p in _children(process.pid) if "uvicorn" in _cmdline(p)]
-        return bool(servers) and (tmp_path / "artifacts").exists()
+        servers[:] = [temporary_server(process.pid)]
+        return servers[0] is not None and (tmp_path / "artifacts").exists()
 
-    _wait_for(server_up, process, "the temporary server started")
+    wait_until(server_up, "the temporary server to start", processes=[process])
     process.send_signal(signal.SIGKILL)
     process.wait()
-    deadline = time.time() + 20
-    while _alive(servers[0]) and time.time() < deadline:
-        time.sleep(0.2)
-    assert not _alive(servers[0]), "the temporary Prefect server outlived its parent"
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return ""
+    wait_until(lambda: exited(servers[0]), "the temporary Prefect server to die", timeout=20)
 
 
 @pytest.mark.integration
@@ -345,7 +306,7 @@ def _cmdline(pid: int) -> str:
 @pytest.mark.timeout(600)
 def test_ctrl_c_ends_in_one_line_and_a_killed_run(tmp_path):
     process = _start_pwf(tmp_path, "--set", "pretrain.epochs=200")
-    _wait_for(lambda: (tmp_path / "artifacts").exists(), process, "the run started")
+    wait_until(lambda: (tmp_path / "artifacts").exists(), "the run to start", processes=[process])
     time.sleep(3)  # well inside pretraining
     process.send_signal(signal.SIGINT)
     out, _ = process.communicate(timeout=120)

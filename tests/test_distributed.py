@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from pwf_core._files import load_tensors, save_tensors
 from pwf_core.config import load_config
 from pwf_core.data import TensorLoader
-from pwf_core.methods.gbnn2d.method import dataset_size
+from pwf_core.methods.gbnn2d.training import dataset_size
 from pwf_core.pretrain import build_experiment_model
 from tests._dummies.distributed import digits_compression, run_rank
 from tests._dummies.services import free_port

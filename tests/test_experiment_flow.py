@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from pwf_core._files import CheckpointError
 from pwf_core.config import ConfigError, config_to_dict, load_config
 from pwf_flows.artifacts import ExperimentFiles
 from pwf_flows.experiment import default_run_name, pwf_experiment
+from tests._dummies.services import wait_until
 from tests.conftest import DEFAULT_CONFIG, ROOT
 
 ROUND_METRICS = [
@@ -250,11 +250,7 @@ def test_sigkill_mid_round_resumes_without_rerunning_finished_rounds(
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    deadline = time.time() + 300
-    while not files.step(1).is_file():
-        assert process.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert time.time() < deadline, "round 2 never finished"
-        time.sleep(0.05)
+    wait_until(files.step(1).is_file, "round 2 to finish", 300, poll=0.05, processes=[process])
     process.send_signal(signal.SIGKILL)
     process.wait()
     finished = files.finished_steps(6)

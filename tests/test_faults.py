@@ -27,7 +27,14 @@ from optuna.trial import TrialState
 
 from pwf_core.config import load_config
 from pwf_flows.artifacts import ExperimentFiles
-from tests._dummies.services import Services, free_port, mlflow_server_argv
+from tests._dummies.services import (
+    Services,
+    exited,
+    free_port,
+    mlflow_server_argv,
+    temporary_server,
+    wait_until,
+)
 from tests.conftest import DEFAULT_CONFIG
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -91,12 +98,9 @@ def last_line(output: str) -> str:
     return [line for line in output.splitlines() if line.strip()][-1]
 
 
-def wait_until(condition, process: subprocess.Popen | None, what: str, timeout: float = 300):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert process is None or process.poll() is None, f"the command ended before {what}"
-        assert time.monotonic() < deadline, f"no {what} after {timeout:.0f} s"
-        time.sleep(0.02)
+def wait_while_running(condition, process: subprocess.Popen, what: str, timeout: float = 300):
+    """Wait (closely: a fault is injected the moment it holds) while ``process`` runs."""
+    wait_until(condition, what, timeout, poll=0.02, processes=[process])
 
 
 # The compressed file's header holds the experiment's config, name included, so its byte count
@@ -216,7 +220,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_rerun_finishes_it(
         command = pwf_command("run", str(config), "--artifacts", str(artifacts))
         log = tmp_path / "first.log"
         process = start(command, tmp_path, env, log)
-        wait_until(trigger.is_file, process, trigger.name)
+        wait_while_running(trigger.is_file, process, trigger.name)
         process.send_signal(signal.SIGSTOP)  # hold it while the disk fills
         filler = fill(disk)
         process.send_signal(signal.SIGCONT)
@@ -259,7 +263,7 @@ def test_a_second_run_of_a_running_experiment_is_refused_and_the_first_is_untouc
     command = pwf_command("run", str(config), "--artifacts", str(tmp_path / "a"))
     first_log = tmp_path / "first.log"
     first = start(command, tmp_path, env, first_log)
-    wait_until((files.root / "run.owner").is_file, first, "the first run's lock")
+    wait_while_running((files.root / "run.owner").is_file, first, "the first run's lock")
     second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
     line = last_line(second.stderr)
@@ -267,16 +271,6 @@ def test_a_second_run_of_a_running_experiment_is_refused_and_the_first_is_untouc
     output = finish(first, first_log)
     assert first.returncode == 0, output[-3000:]
     assert_one_clean_run(env["MLFLOW_TRACKING_URI"], "twice")  # no metric logged twice
-
-
-def _temporary_server_pid(parent: int) -> int | None:
-    for status in Path("/proc").glob("[0-9]*/status"):
-        with contextlib.suppress(OSError):
-            if f"PPid:\t{parent}\n" in status.read_text():
-                cmdline = (status.parent / "cmdline").read_bytes()
-                if b"uvicorn" in cmdline:
-                    return int(status.parent.name)
-    return None
 
 
 @pytest.mark.timeout(600)
@@ -293,15 +287,15 @@ def test_sigterm_is_handled_like_ctrl_c(target, tmp_path):
     log = tmp_path / "run.log"
     process = start(command, tmp_path, environment, log, start_new_session=True)
     files = ExperimentFiles.for_config(load_config(config), tmp_path / "a")
-    wait_until((files.root / "run.owner").is_file, process, "the run", timeout=300)
+    wait_while_running((files.root / "run.owner").is_file, process, "the run", timeout=300)
     time.sleep(3)  # inside pretraining
-    server = _temporary_server_pid(process.pid)
+    server = temporary_server(process.pid)
     assert server is not None
     if target == "pwf-alone":
         process.send_signal(signal.SIGTERM)
     else:  # every process of the job: the command's group and the server's session
         os.killpg(process.pid, signal.SIGTERM)
-        os.kill(server, signal.SIGTERM)
+        server.send_signal(signal.SIGTERM)
     output = finish(process, log, timeout=60)  # a hang guard; the time it takes: benchmarks/
     assert process.returncode == 143, output[-3000:]
     assert last_line(output) == "pwf: terminated; rerun the same command to continue"
@@ -309,10 +303,7 @@ def test_sigterm_is_handled_like_ctrl_c(target, tmp_path):
     client = MlflowClient(environment["MLFLOW_TRACKING_URI"])
     (run,) = client.search_runs([client.get_experiment_by_name("sigterm").experiment_id])
     assert run.info.status == "KILLED"
-    deadline = time.monotonic() + 20
-    while Path(f"/proc/{server}").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not Path(f"/proc/{server}").exists(), "the temporary Prefect server outlived the run"
+    wait_until(lambda: exited(server), "the temporary Prefect server to stop", timeout=20)
 
 
 @pytest.mark.timeout(300)
@@ -405,11 +396,11 @@ def test_mlflow_outages_pause_the_sweep_and_a_long_one_stops_it_for_a_rerun(
     command = pwf_command("sweep", str(sweep))
     log = tmp_path / "first.log"
     process = start(command, tmp_path, environment, log)
-    wait_until(lambda: complete_trials(storage, "outage") >= 1, process, "a complete trial")
+    wait_while_running(lambda: complete_trials(storage, "outage") >= 1, process, "a complete trial")
     down()  # an outage of ~12 s (the server takes ~10 s to start): waited out, no trial lost
     time.sleep(2)
     up()
-    wait_until(lambda: complete_trials(storage, "outage") >= 2, process, "a second trial")
+    wait_while_running(lambda: complete_trials(storage, "outage") >= 2, process, "a second trial")
     down()  # an outage longer than the sweep's 45 s budget (the default is 600 s)
     output = finish(process, log, timeout=200)
     assert process.returncode == 3, output[-3000:]
@@ -438,7 +429,9 @@ def test_postgres_shut_down_at_the_end_of_a_trial_pauses_the_sweep(env, tmp_path
     log = tmp_path / "first.log"
     process = start(command, tmp_path, env, log)
     summaries = tmp_path / "a" / "experiments" / "pg-outage"
-    wait_until(lambda: any(summaries.glob("*/final/summary.json")), process, "a finished trial")
+    wait_while_running(
+        lambda: any(summaries.glob("*/final/summary.json")), process, "a finished trial"
+    )
     process.send_signal(signal.SIGSTOP)  # before it tells Optuna
     postgres.stop()
     process.send_signal(signal.SIGCONT)

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -22,6 +21,7 @@ from pwf_flows.sweep.flow import pwf
 from pwf_flows.sweep.report import importances
 from pwf_flows.sweep.spec import load_sweep
 from pwf_flows.sweep.study import objective_values, sampler_for, tell
+from tests._dummies.services import wait_until
 from tests.conftest import DEFAULT_CONFIG, ROOT
 
 TINY = {
@@ -199,20 +199,23 @@ def test_interrupted_sweep_resumes_to_n_complete_trials(prefect_server, mlflow_s
         process = subprocess.Popen(
             _sweep_command(path), cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT
         )
-        deadline = time.time() + 300
         storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-        while True:
-            assert process.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.time() < deadline, "no trial completed"
+
+        def one_done_and_the_next_asked() -> bool:
             try:
                 study = optuna.load_study(study_name="resumed", storage=storage)
-                running = study.get_trials(states=(TrialState.RUNNING,))
-                # Kill once a trial is done and the next one has its parameters.
-                if complete(study) and running and len(running[0].params) == 2:
-                    break
             except KeyError:
-                pass
-            time.sleep(0.2)
+                return False
+            running = study.get_trials(states=(TrialState.RUNNING,))
+            return bool(complete(study)) and bool(running) and len(running[0].params) == 2
+
+        wait_until(
+            one_done_and_the_next_asked,
+            "a complete trial and the next one's parameters",
+            timeout=300,
+            poll=0.2,
+            processes=[process],
+        )
         process.send_signal(signal.SIGKILL)
         process.wait()
     study = study_of(tmp_path, "resumed")

@@ -67,12 +67,7 @@ def pwf(
     folder = Path(spec.execution.artifacts_dir).resolve() / "sweeps" / spec.name
     run_name = f"sweep-{spec.name}"
     tags = {"kind": "sweep", "sampler": spec.sampler, "optuna.study": spec.name}
-    with file_lock(folder / ".parent.lock"):  # drivers started together share one parent run
-        parent_id = study.user_attrs.get("mlflow_run_id")
-        if parent_id is None or find_run(spec.name, parent_id) is None:
-            created = tags | ({"prefect.flow_run_id": flow_run.id} if flow_run.id else {})
-            parent_id = RunTracker.open(spec.name, run_name, created).run_id
-            study.set_user_attr("mlflow_run_id", parent_id)
+    parent_id = _parent_run(study, spec, folder, run_name, tags)
     done = _finished_sweep(study, spec, parent_id)
     if done is not None:
         logger.info(
@@ -88,21 +83,8 @@ def pwf(
     if flow_run.id:
         tags["prefect.last_flow_run_id"] = flow_run.id
     with tracked_run(spec.name, run_name, tags, resume_run_id=parent_id) as parent:
-        parent.log_params(
-            {
-                "sweep.n_trials": spec.n_trials,
-                "sweep.sampler": spec.sampler,
-                "sweep.objectives": ",".join(spec.study.objectives),
-                "sweep.space": json.dumps(sorted(spec.space)),
-                "sweep.base": spec.base.name,
-            }
-        )
-        closed = close_orphaned_runs(study, spec.name, parent.run_id)
-        if closed:
-            logger.info("closed MLflow runs left RUNNING by a stopped driver: %s", closed)
+        _start_parent(parent, study, spec, folder)
         earlier = parent.logged_metrics()
-        write_text_atomic(folder / "sweep.yaml", dump_spec(spec))
-        parent.log_artifact(folder / "sweep.yaml")
         driver = Driver(study, spec, parent.run_id, progress)
         if trial_deployment:
             driver.run_on_pool(trial_deployment, deadline)
@@ -118,6 +100,39 @@ def pwf(
         table[table["pareto"]].to_string(index=False) if not table.empty else "(empty)",
     )
     return _sweep_result(spec, table, parent.run_id, parent.url, timing)
+
+
+def _parent_run(
+    study: optuna.Study, spec: SweepSpec, folder: Path, run_name: str, tags: dict[str, str]
+) -> str:
+    """The sweep's parent MLflow run: the study's, or a new one (created with this flow run's
+    Prefect id). Drivers started together share one: creating it is serialised."""
+    with file_lock(folder / ".parent.lock"):
+        parent_id = study.user_attrs.get("mlflow_run_id")
+        if parent_id is None or find_run(spec.name, parent_id) is None:
+            created = tags | ({"prefect.flow_run_id": flow_run.id} if flow_run.id else {})
+            parent_id = RunTracker.open(spec.name, run_name, created).run_id
+            study.set_user_attr("mlflow_run_id", parent_id)
+    return parent_id
+
+
+def _start_parent(parent: RunTracker, study: optuna.Study, spec: SweepSpec, folder: Path) -> None:
+    """Record the sweep's settings and file on its parent run, and close what a stopped driver
+    left RUNNING."""
+    parent.log_params(
+        {
+            "sweep.n_trials": spec.n_trials,
+            "sweep.sampler": spec.sampler,
+            "sweep.objectives": ",".join(spec.study.objectives),
+            "sweep.space": json.dumps(sorted(spec.space)),
+            "sweep.base": spec.base.name,
+        }
+    )
+    closed = close_orphaned_runs(study, spec.name, parent.run_id)
+    if closed:
+        get_run_logger().info("closed MLflow runs left RUNNING by a stopped driver: %s", closed)
+    write_text_atomic(folder / "sweep.yaml", dump_spec(spec))
+    parent.log_artifact(folder / "sweep.yaml")
 
 
 def _timing(earlier: dict[str, float], wall_s: float, compute_s: float) -> dict[str, float]:

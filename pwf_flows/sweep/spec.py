@@ -6,10 +6,10 @@ A sweep file is YAML a user edits::
     base: ../configs/default.yaml          # relative to the sweep file
     overrides: {train.epochs: 1}           # applied to every trial
     space:
-      fixing.reg: {float: [1.0e-5, 1.0e-2], log: true}
-      fixing.b: {int: [4, 8]}
-      fixing.sigma_join: {choices: [std_mu, keep, divide_by_10]}
-      fixing.schedule:                     # labelled choices for values Optuna cannot hold
+      compression.reg: {float: [1.0e-5, 1.0e-2], log: true}
+      compression.b: {int: [4, 8]}
+      compression.sigma_join: {choices: [std_mu, keep, divide_by_10]}
+      compression.schedule:                # labelled choices for values Optuna cannot hold
         choices: {paper: [0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 0.975, 0.99, 1.0], short: [0.5, 1.0]}
     study:
       objectives: [accuracy, unique_values]

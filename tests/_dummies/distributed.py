@@ -13,7 +13,7 @@ from pwf_core import Compression
 from pwf_core._files import load_tensors, save_tensors
 from pwf_core.config import load_config
 from pwf_core.data import load_dataset
-from pwf_core.methods.gbnn2d.method import dataset_size
+from pwf_core.methods.gbnn2d.training import dataset_size
 from pwf_core.pretrain import build_experiment_model
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -33,12 +33,15 @@ __all__ = [
     "Service",
     "Services",
     "answers",
+    "exited",
     "flow_run_id",
     "free_port",
     "mlflow_server_argv",
     "prefect_server_argv",
     "request",
     "rest",
+    "temporary_server",
+    "wait_until",
 ]
 
 VENV_BIN = Path(sys.executable).parent
@@ -110,6 +113,52 @@ def answers(url: str, headers: Mapping[str, str] | None = None) -> bool:
         return request(url, headers=headers, timeout=2)[0] == 200
     except OSError:  # not listening (yet)
         return False
+
+
+def wait_until(
+    condition: Callable[[], bool],
+    what: str | Callable[[], str],
+    timeout: float = 240,
+    poll: float = 0.3,
+    processes: Collection[subprocess.Popen] = (),
+) -> None:
+    """Wait until ``condition()``; fail early when one of ``processes`` exited, late when the
+    wait timed out.
+
+    Args:
+        condition: Checked every ``poll`` seconds.
+        what: What is awaited, for the failure (a callable: described only then).
+        timeout: Seconds to wait at most.
+        poll: Seconds between checks.
+        processes: Commands that must still run while the wait lasts.
+    """
+    deadline = time.monotonic() + timeout
+    while not condition():
+        for process in processes:
+            if process.poll() is not None:
+                raise AssertionError(
+                    f"the command exited with {process.returncode} before {_describe(what)}"
+                )
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {_describe(what)}")
+        time.sleep(poll)
+
+
+def exited(process: psutil.Process) -> bool:
+    """Whether ``process`` is gone (a zombie no one reaped yet counts as gone)."""
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def temporary_server(pid: int) -> psutil.Process | None:
+    """The temporary Prefect server (uvicorn) the ``pwf`` command ``pid`` started, if any."""
+    for child in _descendants(pid):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if any("uvicorn" in part for part in child.cmdline()):
+                return child
+    return None
 
 
 def flow_run_id(output: str) -> str:
@@ -266,14 +315,14 @@ class Services:
             timeout: Seconds to wait at most.
             poll: Seconds between checks.
         """
-        deadline = time.monotonic() + timeout
-        while not condition():
+
+        def satisfied() -> bool:
+            if condition():
+                return True
             self.check_running(what)
-            if time.monotonic() >= deadline:
-                raise AssertionError(
-                    f"timed out after {timeout:.0f} s waiting for {_describe(what)}"
-                )
-            time.sleep(poll)
+            return False
+
+        wait_until(satisfied, what, timeout, poll)
 
     def wait_http(self, url: str, what: str, timeout: float = 120, **headers: str) -> None:
         """Wait until ``url`` answers 200.

@@ -6,6 +6,7 @@ changes its members; ``method`` the method's stages and its presentation; ``expo
 format (registered with the exporter).
 """
 
-from pwf_core.methods.gbnn2d.method import TwoDGBNN, TwoDGBNNConfig
+from pwf_core.methods.gbnn2d.config import TwoDGBNNConfig
+from pwf_core.methods.gbnn2d.method import TwoDGBNN
 
 __all__ = ["TwoDGBNN", "TwoDGBNNConfig"]

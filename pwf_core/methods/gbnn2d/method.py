@@ -30,15 +30,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 
 from pwf_core._seeding import derive_seed, seed_everything
 from pwf_core.bayes import bayesian_params, set_sampling
-from pwf_core.distributed import is_main, world_size
+from pwf_core.distributed import is_main
 from pwf_core.methods.base import (
     ECE,
     TOP1,
@@ -51,10 +50,10 @@ from pwf_core.methods.base import (
     integer,
 )
 from pwf_core.methods.gbnn2d.blending import assign_blends
+from pwf_core.methods.gbnn2d.config import TwoDGBNNConfig
 from pwf_core.methods.gbnn2d.export import stored_bytes
 from pwf_core.methods.gbnn2d.gaussians import (
     fitted_gaussians,
-    kl_normal,
     kmeans_2d,
     parameters_from_covariance,
 )
@@ -67,153 +66,11 @@ from pwf_core.methods.gbnn2d.network import (
     weight_points,
 )
 from pwf_core.methods.gbnn2d.sharing import SharedGaussians
-from pwf_core.registry import MethodConfig, register_method
+from pwf_core.methods.gbnn2d.training import MeanFieldHooks, SharedGaussianHooks, dataset_size
+from pwf_core.registry import register_method
 from pwf_core.train import OptimConfig, TrainingHooks, train
-from pwf_core.types import NonNegativeFloat, PositiveFloat, PositiveInt
 
 MAX_AUTO_GAUSSIANS = 6000
-
-
-class TwoDGBNNConfig(MethodConfig):
-    """2DGBNN knobs.
-
-    Args:
-        bnn_epochs: Epochs of mean-field BNN training.
-        vi_epochs: Epochs of VI over the shared Gaussians (merging after each but the last).
-        bnn_lr: Adam learning rate of the BNN's means.
-        bnn_sigma_lr: Adam learning rate of the BNN's sigmas.
-        vi_lr: Adam learning rate of the Gaussians, outliers, biases and norms in VI.
-        sigma_init: Initial sigma of every weight in the BNN.
-        sigma_min: Sigmas are clamped to at least this after every step.
-        prior_sigma: Scale of the BNN's Gaussian prior, centred on the pretrained weights.
-        kl_weight: Multiplies the KL term (1 is the ELBO).
-        gaussians: ``K`` for k-means, or ``auto``: ``round(sqrt(N))`` for ``N`` weights,
-            at most 6000 (237 for the small CNN, 3346 for ResNet-18).
-        tau_w: Weights with ``|mu| >= tau_w`` are outliers.
-        grad_outlier_fraction: Share of weights, by gradient magnitude, that are outliers.
-        min_cluster_size: Members of clusters with at most this many points are outliers.
-        tau_d: Largest squared W2 distance of a merged pair.
-        tau_g: Largest mean member gradient of a merged Gaussian (``None``: no limit).
-        tau_v: Largest variance of a merged Gaussian's member means.
-        merge_neighbours: Nearest Gaussians each one is compared with for merging.
-        step_samples: Forward passes averaged when measuring after each step.
-        eval_samples: Forward passes averaged for the final model (S).
-    """
-
-    method: Literal["2dgbnn"] = "2dgbnn"
-    bnn_epochs: PositiveInt = 4
-    vi_epochs: PositiveInt = 4
-    bnn_lr: PositiveFloat = 1e-4
-    bnn_sigma_lr: PositiveFloat = 1e-3
-    vi_lr: PositiveFloat = 1e-3
-    sigma_init: PositiveFloat = 1e-3
-    sigma_min: PositiveFloat = 1e-6
-    prior_sigma: PositiveFloat = 0.01
-    kl_weight: NonNegativeFloat = 1.0
-    gaussians: int | str = "auto"
-    tau_w: PositiveFloat = 0.2
-    grad_outlier_fraction: float = Field(0.01, ge=0.0, lt=1.0)
-    min_cluster_size: int = Field(20, ge=0)
-    tau_d: NonNegativeFloat = 1e-6
-    tau_g: NonNegativeFloat | None = None
-    tau_v: NonNegativeFloat = 1e-3
-    merge_neighbours: int = Field(3, ge=1, le=32)
-    step_samples: PositiveInt = 8
-    eval_samples: PositiveInt = 30
-
-    @field_validator("gaussians")
-    @classmethod
-    def _gaussians(cls, value: int | str) -> int | str:
-        if value == "auto" or (isinstance(value, int) and value >= 1):
-            return value
-        raise ValueError(f"must be a positive integer or 'auto'; got {value!r}")
-
-
-def dataset_size(loader) -> int:
-    """Examples in the whole training set behind ``loader`` (the KL's ``1 / N_train``).
-
-    The whole set, however many data-parallel ranks share it: each rank's ELBO is its batch's
-    mean NLL plus ``KL / N``, and DDP averages the ranks' gradients, so ``N`` must not be one
-    rank's share (that would make the prior ``world_size`` times too strong). pwf's loaders
-    know the size (``dataset_size``), a ``DataLoader`` has its ``dataset`` (whole, also under a
-    ``DistributedSampler``); any other iterable is counted, and under DDP taken to be one
-    rank's shard of the set.
-    """
-    size = getattr(loader, "dataset_size", None)
-    if isinstance(size, int):
-        return size
-    dataset = getattr(loader, "dataset", None)
-    if dataset is not None:
-        return len(dataset)
-    return world_size() * sum(len(targets) for _, targets in loader)
-
-
-class _MeanFieldHooks(TrainingHooks):
-    """The mean-field BNN's ELBO term and its projection, and (in the last BNN epoch) the
-    accumulated gradient magnitudes that decide the gradient outliers.
-
-    Args:
-        prior_mu: The prior's means (the pretrained weights), flat.
-        config: The method's knobs.
-        num_train: Examples of the whole training set (the ``N`` of ``KL / N``).
-        collect_gradients: Sum ``|dL/dmu|`` per weight over the epoch.
-    """
-
-    def __init__(
-        self,
-        prior_mu: torch.Tensor,
-        config: TwoDGBNNConfig,
-        num_train: int,
-        collect_gradients: bool,
-    ) -> None:
-        self.prior_mu, self.config, self.num_train = prior_mu, config, num_train
-        self.collect_gradients = collect_gradients
-        self.grad_magnitude: torch.Tensor | None = None
-
-    def extra_loss(self, model: nn.Module, task_loss: torch.Tensor) -> torch.Tensor | None:
-        params = bayesian_params(model)
-        priors = self.prior_mu.to(params[0].mu.device).split([p.mu.numel() for p in params])
-        kl = sum(
-            kl_normal(
-                p.mu,
-                p.sigma.clamp_min(self.config.sigma_min),
-                prior.view_as(p.mu),
-                self.config.prior_sigma,
-            )
-            for p, prior in zip(params, priors, strict=True)
-        )
-        return self.config.kl_weight * kl / self.num_train
-
-    def after_backward(self, model: nn.Module) -> None:
-        if not self.collect_gradients:
-            return
-        grads = [
-            p.mu.grad.detach().abs().flatten()
-            if p.mu.grad is not None
-            else p.mu.new_zeros(p.mu.numel())
-            for p in bayesian_params(model)
-        ]
-        step = torch.cat(grads)
-        self.grad_magnitude = step if self.grad_magnitude is None else self.grad_magnitude + step
-
-    @torch.no_grad()
-    def after_step(self, model: nn.Module) -> None:
-        for param in bayesian_params(model):
-            param.sigma.clamp_(min=self.config.sigma_min)
-
-
-class _SharedGaussianHooks(TrainingHooks):
-    """VI over the shared Gaussians: their KL to the priors, and the member gradients that
-    decide which may merge."""
-
-    def __init__(self, sharing: SharedGaussians, config: TwoDGBNNConfig, num_train: int) -> None:
-        self.sharing, self.config, self.num_train = sharing, config, num_train
-
-    def extra_loss(self, model: nn.Module, task_loss: torch.Tensor) -> torch.Tensor | None:
-        return self.config.kl_weight * self.sharing.kl() / self.num_train
-
-    def after_backward(self, model: nn.Module) -> None:
-        self.sharing.record_gradient()
 
 
 GAUSSIANS = Column("bnn/gaussians", "Gaussians", integer)
@@ -306,9 +163,7 @@ class TwoDGBNN(Method):
         if step.stage == "bnn":
             assert self.prior_mu is not None, "initialise() records the prior before the BNN"
             last = step.number == step.of
-            hooks = _MeanFieldHooks(
-                self.prior_mu, self.config, dataset_size(ctx.train_loader), last
-            )
+            hooks = MeanFieldHooks(self.prior_mu, self.config, dataset_size(ctx.train_loader), last)
             trained = self._train(model, step, ctx, self.config.bnn_lr, hooks)
             if last:  # the outlier rule reads the last BNN epoch's gradients
                 self.grad_magnitude = hooks.grad_magnitude
@@ -319,7 +174,7 @@ class TwoDGBNN(Method):
         else:
             sharing = sharing_of(model)
             sharing.reset_gradients()
-            hooks = _SharedGaussianHooks(sharing, self.config, dataset_size(ctx.train_loader))
+            hooks = SharedGaussianHooks(sharing, self.config, dataset_size(ctx.train_loader))
             trained = self._train(model, step, ctx, self.config.vi_lr, hooks)
             metrics |= {"train/loss": trained.mean_loss, "time/train_s": trained.seconds}
             if step.number < step.of and is_main():

@@ -18,6 +18,7 @@ members decrements the counts of just the centres their ranges covered.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -238,66 +239,118 @@ def pwfn_fix_round(
     rows: list[tuple] = []
     if remaining <= 0:
         return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
-    device = weights.mu.device
-    index = (~weights.fixed).nonzero().squeeze(1)
-    mu = weights.mu[index]
-    scale = weights.sigma[index].clamp_min_(SIGMA_DISTANCE_FLOOR)
-    if not torch.isfinite(mu.sum() + scale.sum()):  # a reduction: no full-size temporary
-        raise ValueError("free weights hold NaN or infinite means or sigmas; cannot fix them")
-    is_zero = mu.abs() < 2.0**-b if zero_fix else torch.zeros_like(mu, dtype=torch.bool)
-    alive = torch.ones_like(mu, dtype=torch.bool)
+    free = _FreeWeights.of(weights, b if zero_fix else None)
     walk = _Relaxation(threshold, inc, max_order)
     while remaining > 0:
         at_level_start = remaining
-        if not alive.all():  # drop the weights the previous level fixed
-            keep = alive.nonzero().squeeze(1)
-            index, mu, scale, is_zero = index[keep], mu[keep], scale[keep], is_zero[keep]
-            alive = torch.ones_like(mu, dtype=torch.bool)
-        low, high = torch.aminmax(mu)
-        book = pow2_codebook(b, max(-float(low), float(high)), walk.order)
-        centres = book.tensor(device)
-        zero_index = book.index_of(0.0)
-        a, b_ = CentreLookup(book, device).ranges_(*interval_bounds(mu, scale, walk.threshold))
-        a.masked_fill_(is_zero, zero_index)
-        b_.masked_fill_(is_zero, zero_index + 1)
-        pairs = _MembersByCentre(a, b_, len(book))
-        counts = pairs.counts
+        free.compact()
+        level = _Level.build(free, b, walk)
         while remaining > 0:
-            k = int(counts.argmax())
-            if int(counts[k]) <= 0:
+            k = int(level.counts.argmax())
+            if int(level.counts[k]) <= 0:
                 break
-            members = pairs.candidates(k)
-            members = members[alive[members]]
-            if len(members) == 0:
-                raise RuntimeError(
-                    f"PWFN round: centre {float(book.values[k])} counts {int(counts[k])} free "
-                    "weights but has none; the candidate bookkeeping is inconsistent"
-                )
-            centre = centres[k]
-            if len(members) > remaining:
-                distance = (centre - mu[members]).abs_().div_(scale[members])
-                distance.masked_fill_(is_zero[members] & (centre == 0), 0.0)
-                members = members[torch.sort(distance, stable=True).indices[:remaining]]
-                members = members.sort().values
-            joined = index[members]
-            if sigma_join == "std_mu":
-                weights.sigma[joined] = mu[members].std(correction=0) if len(joined) > 1 else 0.0
-            elif sigma_join == "divide_by_10":
-                weights.sigma[joined] /= 10
-            weights.mu[joined] = centre
-            weights.fixed[joined] = True
-            alive[members] = False
-            counts -= _coverage(a[members], b_[members], len(book))
-            if len(members) == 0:
-                raise RuntimeError("PWFN round: a greedy step fixed no weight")
+            members = free.nearest(level, k, remaining)
+            free.join(weights, members, level.centres[k], sigma_join)
+            level.counts -= _coverage(level.a[members], level.b[members], len(level.book))
             remaining -= len(members)
-            value = float(book.values[k])
-            rows.append((len(rows), value, int(book.orders[k]), walk.threshold, len(members)))
+            value = float(level.book.values[k])
+            rows.append((len(rows), value, int(level.book.orders[k]), walk.threshold, len(members)))
         if remaining > 0:
             if remaining == at_level_start:
-                _check_progress(walk, remaining, mu, scale)
+                _check_progress(walk, remaining, free.mu, free.scale)
             walk.relax()
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+@dataclass
+class _FreeWeights:
+    """The weights still free in a round: their positions in the flat view, means, distance
+    scales, zero-fix flags, and which of them the current level has not fixed yet."""
+
+    index: torch.Tensor
+    mu: torch.Tensor
+    scale: torch.Tensor
+    is_zero: torch.Tensor
+    alive: torch.Tensor
+
+    @classmethod
+    def of(cls, weights: FlatWeights, zero_fix_b: int | None) -> _FreeWeights:
+        index = (~weights.fixed).nonzero().squeeze(1)
+        mu = weights.mu[index]
+        scale = weights.sigma[index].clamp_min_(SIGMA_DISTANCE_FLOOR)
+        if not torch.isfinite(mu.sum() + scale.sum()):  # a reduction: no full-size temporary
+            raise ValueError("free weights hold NaN or infinite means or sigmas; cannot fix them")
+        if zero_fix_b is None:
+            is_zero = torch.zeros_like(mu, dtype=torch.bool)
+        else:
+            is_zero = mu.abs() < 2.0**-zero_fix_b
+        return cls(index, mu, scale, is_zero, torch.ones_like(mu, dtype=torch.bool))
+
+    def compact(self) -> None:
+        """Drop the weights the previous level fixed."""
+        if self.alive.all():
+            return
+        keep = self.alive.nonzero().squeeze(1)
+        self.index, self.mu = self.index[keep], self.mu[keep]
+        self.scale, self.is_zero = self.scale[keep], self.is_zero[keep]
+        self.alive = torch.ones_like(self.mu, dtype=torch.bool)
+
+    def nearest(self, level: _Level, k: int, quota: int) -> torch.Tensor:
+        """The free candidates of centre ``k``, nearest first when more than ``quota``."""
+        members = level.pairs.candidates(k)
+        members = members[self.alive[members]]
+        if len(members) == 0:
+            raise RuntimeError(
+                f"PWFN round: centre {float(level.book.values[k])} counts "
+                f"{int(level.counts[k])} free weights but has none; the candidate bookkeeping "
+                "is inconsistent"
+            )
+        if len(members) > quota:
+            centre = level.centres[k]
+            distance = (centre - self.mu[members]).abs_().div_(self.scale[members])
+            distance.masked_fill_(self.is_zero[members] & (centre == 0), 0.0)
+            members = members[torch.sort(distance, stable=True).indices[:quota]]
+            members = members.sort().values
+        return members
+
+    def join(
+        self, weights: FlatWeights, members: torch.Tensor, centre: torch.Tensor, sigma_join: str
+    ) -> None:
+        """Fix ``members`` to ``centre``, their sigma set by the sigma-join rule."""
+        joined = self.index[members]
+        if sigma_join == "std_mu":
+            weights.sigma[joined] = self.mu[members].std(correction=0) if len(joined) > 1 else 0.0
+        elif sigma_join == "divide_by_10":
+            weights.sigma[joined] /= 10
+        weights.mu[joined] = centre
+        weights.fixed[joined] = True
+        self.alive[members] = False
+
+
+@dataclass
+class _Level:
+    """One relaxation level ``(order, t)``: its codebook, each free weight's centre range
+    ``[a, b)``, the eligibility pairs by centre, and each centre's count of free weights."""
+
+    book: Codebook
+    centres: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    pairs: _MembersByCentre
+    counts: torch.Tensor
+
+    @classmethod
+    def build(cls, free: _FreeWeights, b: int, walk: _Relaxation) -> _Level:
+        device = free.mu.device
+        low, high = torch.aminmax(free.mu)
+        book = pow2_codebook(b, max(-float(low), float(high)), walk.order)
+        zero_index = book.index_of(0.0)
+        bounds = interval_bounds(free.mu, free.scale, walk.threshold)
+        start, stop = CentreLookup(book, device).ranges_(*bounds)
+        start.masked_fill_(free.is_zero, zero_index)
+        stop.masked_fill_(free.is_zero, zero_index + 1)
+        pairs = _MembersByCentre(start, stop, len(book))
+        return cls(book, book.tensor(device), start, stop, pairs, pairs.counts)
 
 
 def auto_b(model: nn.Module) -> int:
