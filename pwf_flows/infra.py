@@ -51,22 +51,18 @@ class InfraUnavailable(RuntimeError):
     """
 
     exit_code = 1
-    service = "a service"
 
 
 class TrackingUnavailable(InfraUnavailable):
     exit_code = 3
-    service = "the MLflow tracking server"
 
 
 class PrefectUnavailable(InfraUnavailable):
     exit_code = 4
-    service = "the Prefect API"
 
 
 class StudyStorageUnavailable(InfraUnavailable):
     exit_code = 5
-    service = "the Optuna study database"
 
 
 class DiskFull(RuntimeError):

@@ -82,6 +82,11 @@ def pwf_command(*argv: str) -> list[str]:
     return [sys.executable, "-m", "pwf_flows.cli", *argv, "--no-progress"]
 
 
+def run(argv: list[str], cwd: Path, env: dict, timeout: float = 400) -> subprocess.CompletedProcess:
+    """A command to its end (a hang guard, not a time limit), its output kept."""
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def start(argv: list[str], cwd: Path, env: dict, log: Path, **kwargs) -> subprocess.Popen:
     with log.open("w") as handle:
         return subprocess.Popen(
@@ -163,14 +168,7 @@ def reference(tmp_path_factory, prefect_server) -> dict:
         "PREFECT_API_URL": prefect_server,
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlruns.db'}",
     }
-    done = subprocess.run(
-        pwf_command("run", str(config), "--artifacts", str(tmp / "a")),
-        cwd=tmp,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    done = run(pwf_command("run", str(config), "--artifacts", str(tmp / "a")), tmp, environment)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return summary_metrics(ExperimentFiles.for_config(load_config(config), tmp / "a"))
 
@@ -231,7 +229,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_rerun_finishes_it(
         assert "Traceback" not in output
         assert not files.summary.is_file()
         filler.unlink()
-        again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+        again = run(command, tmp_path, env)
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
         assert summary_metrics(files) == reference  # the same numbers as an uninterrupted run
     assert_one_clean_run(env["MLFLOW_TRACKING_URI"], f"full-{when}")
@@ -241,14 +239,8 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_rerun_finishes_it(
 def test_a_disk_too_small_for_the_run_is_refused_before_it_starts(env, tmp_path):
     config = write_config(tmp_path / "config.yaml", "too-small")
     with small_disk(tmp_path / "disk", "1m") as disk:
-        done = subprocess.run(
-            pwf_command("run", str(config), "--artifacts", str(disk / "artifacts")),
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=200,
-        )
+        command = pwf_command("run", str(config), "--artifacts", str(disk / "artifacts"))
+        done = run(command, tmp_path, env)
         assert done.returncode == 6, done.stdout[-2000:] + done.stderr[-2000:]
         line = last_line(done.stderr)
         assert line.startswith("pwf: the run needs about") and "is free there" in line
@@ -264,7 +256,7 @@ def test_a_second_run_of_a_running_experiment_is_refused_and_the_first_is_untouc
     first_log = tmp_path / "first.log"
     first = start(command, tmp_path, env, first_log)
     wait_while_running((files.root / "run.owner").is_file, first, "the first run's lock")
-    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    second = run(command, tmp_path, env)
     assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
     line = last_line(second.stderr)
     assert line.startswith("pwf: experiment 'twice'") and f"process {first.pid} on" in line
@@ -414,7 +406,7 @@ def test_mlflow_outages_pause_the_sweep_and_a_long_one_stops_it_for_a_rerun(
     (given_up,) = study.get_trials(states=(TrialState.FAIL,))
     assert queued.params == given_up.params
     up()
-    again = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True)
+    again = run(command, tmp_path, environment)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     study = optuna.load_study(study_name="outage", storage=storage)
     assert_sweep_intact(url, "outage", study, 3)
