@@ -5,6 +5,7 @@ is package data) and reports the one version pwf has."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -26,9 +27,14 @@ def _run(argv: list[str], cwd: Path, env: dict | None = None, timeout: float = 3
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_wheel_in_a_fresh_venv_runs_the_default_experiment(prefect_server, tmp_path):
+    source = tmp_path / "source"  # a copy: building writes build/ beside the sources
+    tracked = _run(["git", "ls-files"], cwd=ROOT).split()
+    for name in tracked:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, source / name)
     wheels = tmp_path / "wheels"
     build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
-    _run([*build, "-w", str(wheels), str(ROOT)], cwd=tmp_path)
+    _run([*build, "-w", str(wheels), str(source)], cwd=tmp_path)
     (wheel,) = wheels.glob("pwf-*.whl")
     assert wheel.name.startswith(f"pwf-{pwf_core.__version__}-")
     venv = tmp_path / "venv"
