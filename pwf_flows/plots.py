@@ -1,12 +1,15 @@
-"""Figures logged with runs (matplotlib, headless).
+"""Figures logged with runs and put in reports (matplotlib, headless).
 
-Accuracy axes are in percent and never claim more than 100 %; a small spread is shown on an
-axis at least :data:`MIN_SPAN` points tall, so a 0.2-point wobble does not fill the figure.
+Made to go into a paper: accuracy axes in percent that never claim more than 100 % (a small
+spread is shown on an axis at least :data:`MIN_SPAN` points tall, so a 0.2-point wobble does
+not fill the figure), log axes with plain tick labels (``20``, not ``2x10^1``) where values
+span decades, point labels that cannot be read as ranges, and titles wrapped to the figure.
 """
 
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,11 +18,17 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from pwf_core._files import atomic_path
+from pwf_core.methods import Figure
 
 MIN_SPAN = 5.0  # percentage points
+ELLIPSES_SHOWN = 40  # the most populated Gaussians get their 95 % ellipse drawn
+POINTS_SHOWN = 20_000
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -28,6 +37,32 @@ def _save(fig: plt.Figure, path: Path) -> Path:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return path
+
+
+def fitted_title(title: str, fig: plt.Figure, fontsize: float = 10) -> str:
+    """``title`` wrapped to the figure's width (a long run name otherwise runs off it)."""
+    width = max(20, int(fig.get_figwidth() * 72 / (0.55 * fontsize)))
+    return "\n".join(textwrap.fill(line, width) for line in title.splitlines())
+
+
+def plain_number(value: float, _position: float | None = None) -> str:
+    """A tick label as a person writes it: ``20``, ``300``, ``0.5``, ``2,000``."""
+    if value >= 1 and float(value).is_integer():
+        return f"{int(value):,}"
+    return f"{value:g}"
+
+
+def log_axis(ax: Axes, values: Sequence[float], axis: str = "x") -> None:
+    """A log axis with plain labels at 1, 2 and 5 times the powers of ten, when the values
+    span more than a factor of ten; a plain linear axis otherwise."""
+    finite = [v for v in values if v > 0 and math.isfinite(v)]
+    if not finite or max(finite) / min(finite) < 10:
+        return
+    getattr(ax, f"set_{axis}scale")("log")
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    target.set_major_formatter(FuncFormatter(plain_number))
+    target.set_minor_formatter(NullFormatter())
 
 
 def accuracy_limits(values: Sequence[float], min_span: float = MIN_SPAN) -> tuple[float, float]:
@@ -42,14 +77,22 @@ def accuracy_limits(values: Sequence[float], min_span: float = MIN_SPAN) -> tupl
     return max(low, 0.0), high
 
 
+def round_label(numbers: Sequence[int]) -> str:
+    """Rounds that land on one point: ``r3``, a run ``r8–r10``, else a list ``r1, r3``."""
+    numbers = sorted(numbers)
+    if len(numbers) == 1:
+        return f"r{numbers[0]}"
+    if numbers == list(range(numbers[0], numbers[-1] + 1)):
+        return f"r{numbers[0]}–r{numbers[-1]}"
+    return ", ".join(f"r{n}" for n in numbers)
+
+
 def _point_labels(rounds: pd.DataFrame, x: str, y: str) -> list[tuple[float, float, str]]:
-    """One label per distinct point: rounds that land on the same point share it ("r8-10")."""
-    labels = []
-    for (px, py), group in rounds.groupby([x, y], sort=False):
-        numbers = sorted(int(r) for r in group["round"])
-        text = f"r{numbers[0]}" if len(numbers) == 1 else f"r{numbers[0]}-{numbers[-1]}"
-        labels.append((px, py, text))
-    return labels
+    """One label per distinct point: rounds that land on the same point share it."""
+    return [
+        (px, py, round_label([int(r) for r in group["round"]]))
+        for (px, py), group in rounds.groupby([x, y], sort=False)
+    ]
 
 
 def accuracy_vs_unique_values(
@@ -80,53 +123,65 @@ def accuracy_vs_unique_values(
             fontsize=7,
         )
     ax.set_ylim(*accuracy_limits(shown))
-    ax.set_xscale("log")
-    ax.set_xlabel("unique values among fixed weights (log)")
+    log_axis(ax, list(data[x]))
+    ax.set_xlabel("unique values among fixed weights")
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(fitted_title(title, fig), fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
 def gaussian_scatter(snapshot: dict, path: Path, title: str) -> Path:
-    """The (mu, sigma) points coloured by Gaussian, outliers in grey, and every Gaussian's 95 %
-    ellipse."""
-    import numpy as np
+    """The (mu, sigma) points coloured by Gaussian, outliers in grey, and the 95 % ellipses of
+    the :data:`ELLIPSES_SHOWN` most populated Gaussians (every mean is marked)."""
     from matplotlib.collections import EllipseCollection
 
-    points = snapshot["points"].numpy()
-    labels = snapshot["labels"].numpy()
+    points = snapshot["points"].numpy()[:POINTS_SHOWN]
+    labels = snapshot["labels"].numpy()[:POINTS_SHOWN]
     means = snapshot["means"].numpy()
     covariances = snapshot["covariances"].numpy()
     fig, ax = plt.subplots(figsize=(7, 4.8))
     outliers = labels < 0
-    ax.scatter(*points[outliers].T, s=3, c="0.6", label="outliers", rasterized=True)
-    ax.scatter(*points[~outliers].T, s=2, c=labels[~outliers] % 20, cmap="tab20", rasterized=True)
-    values, vectors = np.linalg.eigh(covariances)
+    ax.scatter(*points[outliers].T, s=3, c="0.65", label="outliers", rasterized=True)
+    ax.scatter(
+        *points[~outliers].T,
+        s=2,
+        c=labels[~outliers] % 20,
+        cmap="tab20",
+        alpha=0.5,
+        rasterized=True,
+    )
+    ax.scatter(*means.T, s=6, marker="x", c="k", linewidths=0.5, label="Gaussian means")
+    members = np.bincount(labels[~outliers], minlength=len(means))
+    largest = np.argsort(members)[::-1][:ELLIPSES_SHOWN]
+    values, vectors = np.linalg.eigh(covariances[largest])
     radius = np.sqrt(5.991 * np.clip(values, 0, None))  # 95 % of a 2-D Gaussian
     angles = np.degrees(np.arctan2(vectors[:, 1, 1], vectors[:, 0, 1]))
-    ellipses = EllipseCollection(
-        2 * radius[:, 1],
-        2 * radius[:, 0],
-        angles,
-        units="xy",
-        offsets=means,
-        offset_transform=ax.transData,
-        facecolors="none",
-        edgecolors="k",
-        linewidths=0.4,
+    ax.add_collection(
+        EllipseCollection(
+            2 * radius[:, 1],
+            2 * radius[:, 0],
+            angles,
+            units="xy",
+            offsets=means[largest],
+            offset_transform=ax.transData,
+            facecolors="none",
+            edgecolors="C3",
+            linewidths=0.8,
+        )
     )
-    ax.add_collection(ellipses)
     ax.set_xlabel("mu")
     ax.set_ylabel("sigma")
-    ax.set_title(f"{title}\n{len(means)} Gaussians, 95 % ellipses", fontsize=10)
+    drawn = min(ELLIPSES_SHOWN, len(means))
+    caption = f"{len(means)} Gaussians; 95 % ellipses of the {drawn} largest"
+    ax.set_title(fitted_title(f"{title}\n{caption}", fig), fontsize=10)
     ax.legend(fontsize=8, loc="upper right", markerscale=3)
     return _save(fig, path)
 
 
-def draw_figure(figure, path: Path, title: str) -> Path:
-    """Draw a method's figure (:class:`pwf_core.methods.Figure`) by its kind.
+def draw_figure(figure: Figure, path: Path, title: str) -> Path:
+    """Draw a method's figure by its kind.
 
     Raises:
         KeyError: for a kind nothing here draws.
@@ -134,24 +189,19 @@ def draw_figure(figure, path: Path, title: str) -> Path:
     return FIGURE_KINDS[figure.kind](figure.data, path, title)
 
 
-def reliability_diagram(bins: dict[str, list[float]], path: Path, title: str) -> Path:
-    """Accuracy against confidence per bin (bars) with the diagonal of perfect calibration."""
-    fig, ax = plt.subplots(figsize=(4.8, 4.8))
+def draw_reliability(ax: Axes, bins: dict[str, list[float]], title: str) -> None:
+    """Accuracy against confidence per bin, the gap to the diagonal hatched, and each bin's
+    sample count over its bar (a bin of three samples is not a calibration failure)."""
     width = bins["upper"][0] - bins["lower"][0]
     filled = [i for i, n in enumerate(bins["count"]) if n > 0]
+    total = sum(bins["count"]) or 1
+    left = [bins["lower"][i] for i in filled]
+    accuracy = [bins["accuracy"][i] for i in filled]
+    ax.bar(left, accuracy, width=width, align="edge", edgecolor="C0", alpha=0.7, label="accuracy")
     ax.bar(
-        [bins["lower"][i] for i in filled],
-        [bins["accuracy"][i] for i in filled],
-        width=width,
-        align="edge",
-        edgecolor="C0",
-        alpha=0.7,
-        label="accuracy",
-    )
-    ax.bar(
-        [bins["lower"][i] for i in filled],
+        left,
         [bins["confidence"][i] - bins["accuracy"][i] for i in filled],
-        bottom=[bins["accuracy"][i] for i in filled],
+        bottom=accuracy,
         width=width,
         align="edge",
         fill=False,
@@ -159,13 +209,33 @@ def reliability_diagram(bins: dict[str, list[float]], path: Path, title: str) ->
         edgecolor="C3",
         label="gap to confidence",
     )
+    for i in filled:
+        top = max(bins["accuracy"][i], bins["confidence"][i])
+        share = bins["count"][i] / total
+        ax.text(
+            bins["lower"][i] + width / 2,
+            min(top + 0.02, 0.97),
+            f"{int(bins['count'][i])}",
+            ha="center",
+            fontsize=6,
+            color="0.2" if share >= 0.01 else "0.55",
+        )
     ax.plot([0, 1], [0, 1], ls="--", color="0.3", lw=1)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence")
+    ax.set_xlabel("confidence (numbers: samples per bin)")
     ax.set_ylabel("accuracy")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+
+
+def reliability_diagram(
+    bins: dict[str, list[float]], path: Path, title: str, ece: float | None = None
+) -> Path:
+    """One run's reliability diagram (:func:`draw_reliability`), its ECE in the title."""
+    fig, ax = plt.subplots(figsize=(4.8, 4.8))
+    full = title if ece is None else f"{title}\nECE {ece:.4f}"
+    draw_reliability(ax, bins, fitted_title(full, fig, 9))
     return _save(fig, path)
 
 
@@ -197,10 +267,10 @@ def pareto_front(
         ax.axhline(100 * reference_acc, ls="--", color="0.4", lw=1, label="pretrained")
         shown.append(100 * reference_acc)
     ax.set_ylim(*accuracy_limits(shown))
-    ax.set_xscale("log")
-    ax.set_xlabel(f"{cost_label} (log)")
+    log_axis(ax, list(trials[cost]))
+    ax.set_xlabel(cost_label)
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(fitted_title(title, fig), fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     return _save(fig, path)
@@ -212,7 +282,7 @@ def bar_chart(values: dict[str, float], path: Path, title: str, xlabel: str) -> 
     fig, ax = plt.subplots(figsize=(6.4, 0.45 * len(items) + 1.6))
     ax.barh([k for k, _ in items], [v for _, v in items])
     ax.set_xlabel(xlabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(fitted_title(title, fig), fontsize=10)
     return _save(fig, path)
 
 

@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import mlflow
+import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from PIL import Image
 from sqlalchemy.engine import make_url
 
 from pwf_core._files import file_lock
@@ -31,6 +33,10 @@ from pwf_flows.infra import TrackingUnavailable, is_interrupt, retry_transient
 T = TypeVar("T")
 MAX_BATCH = 900  # MLflow accepts at most 1000 entities per log_batch call
 LOCAL_UI = "http://127.0.0.1:5000"
+# MLflow 3 opens an experiment in its GenAI view (traces) unless the experiment says it holds
+# model training; every pwf experiment does, so every link lands on its runs.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+TRAINING_VIEW = {EXPERIMENT_KIND: "custom_model_development"}
 INTERRUPTED_STATUS_WAIT_S = 5.0
 
 
@@ -119,7 +125,10 @@ def experiment_id(mlflow_client: MlflowClient, name: str) -> str:
     existing = retried(lambda: mlflow_client.get_experiment_by_name(name), "experiment")
     if existing is None:
         try:
-            return retried(lambda: mlflow_client.create_experiment(name), "create experiment")
+            return retried(
+                lambda: mlflow_client.create_experiment(name, tags=TRAINING_VIEW),
+                "create experiment",
+            )
         except MlflowException:
             existing = retried(lambda: mlflow_client.get_experiment_by_name(name), "experiment")
             if existing is None:
@@ -130,14 +139,39 @@ def experiment_id(mlflow_client: MlflowClient, name: str) -> str:
             f"restore it with `mlflow experiments restore --experiment-id "
             f"{existing.experiment_id}` or give the experiment another name"
         )
+    if existing.tags.get(EXPERIMENT_KIND) is None:  # made before pwf set it, or by hand
+        retried(
+            lambda: mlflow_client.set_experiment_tag(
+                existing.experiment_id, EXPERIMENT_KIND, TRAINING_VIEW[EXPERIMENT_KIND]
+            ),
+            "tag experiment",
+        )
     return existing.experiment_id
+
+
+def _ui(uri: str | None) -> str:
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return LOCAL_UI
+    scheme, _, rest = uri.rstrip("/").partition("://")
+    return f"{scheme}://{rest.rpartition('@')[2]}"  # no credentials in a link
 
 
 def run_url(experiment: str, run_id: str, uri: str | None = None) -> str:
     """Where a person opens the run: the server's page, or the local UI's for a SQLite store."""
-    uri = uri or tracking_uri()
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
-    return f"{base}/#/experiments/{experiment}/runs/{run_id}"
+    return f"{_ui(uri)}/#/experiments/{experiment}/runs/{run_id}"
+
+
+def experiment_url(experiment: str, uri: str | None = None) -> str:
+    """The experiment's runs table (the model-training view: see :data:`TRAINING_VIEW`)."""
+    return f"{_ui(uri)}/#/experiments/{experiment}"
+
+
+def note(description: str, links: Mapping[str, str | None]) -> str:
+    """A run's description as MLflow renders it (markdown): the text, then one clickable
+    link per named page (``None`` leaves a page out)."""
+    shown = [f"[{label}]({url})" for label, url in links.items() if url]
+    return description + ("\n\n" + " · ".join(shown) if shown else "")
 
 
 def standard_tags(source: str, description: str | None = None) -> dict[str, str]:
@@ -252,6 +286,12 @@ class RunTracker:
         for start in range(0, len(entries), MAX_BATCH):
             batch = entries[start : start + MAX_BATCH]
             self._call("log metrics", self.client.log_batch, self.run_id, metrics=batch)
+
+    def log_image(self, path: Path, key: str) -> None:
+        """A PNG as an MLflow image under ``key`` (shown side by side in the compare view)."""
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        self._call("log image", self.client.log_image, self.run_id, pixels, key=key, step=0)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._call("log artifact", self.client.log_artifact, self.run_id, str(path), artifact_path)

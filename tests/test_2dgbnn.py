@@ -197,7 +197,7 @@ def test_on_digits_the_shared_model_keeps_the_bnns_accuracy(digits_run, pretrain
     assert final["meanfield/size/trainable_params"] >= 20 * final["size/trainable_params"]
     assert final["cal/ece"] <= deterministic["cal/ece"]
     assert final["size/bytes"] < final["deterministic/size/bytes"] < final["meanfield/size/bytes"]
-    gaussians = [r.metrics["bnn/gaussians"] for r in records if "bnn/gaussians" in r.metrics]
+    gaussians = [r.metrics["ws/shared_values"] for r in records if "ws/shared_values" in r.metrics]
     assert gaussians[0] == 237 and gaussians[-1] < gaussians[0]  # sqrt(N) at first, then merged
     assert all(b <= a for a, b in itertools.pairwise(gaussians))
 

@@ -312,15 +312,15 @@ def test_2dgbnn_flow_logs_its_stages_and_resumes_at_the_next_epoch(
     (run,) = runs_of("gbnn")
     client = MlflowClient()
     run_id = run.info.run_id
-    gaussians = client.get_metric_history(run_id, "bnn/gaussians")
+    gaussians = client.get_metric_history(run_id, "ws/shared_values")
     assert sorted(m.step for m in gaussians) == [3, 4, 5, 6]  # mixture, then 3 VI epochs
-    for key in ("bnn/outliers", "bnn/blended", "size/trainable_params", "size/bytes", "cls/nll"):
+    for key in ("ws/outliers", "bnn/blended", "size/trainable_params", "size/bytes", "cls/nll"):
         assert client.get_metric_history(run_id, key), key
     assert sorted(m.step for m in client.get_metric_history(run_id, "size/bytes")) == list(
         range(1, 7)
     )
     final = run.data.metrics
-    for key in ("cls/acc", "cls/nll", "cal/ece", "bnn/gaussians", "meanfield/cls/acc"):
+    for key in ("cls/acc", "cls/nll", "cal/ece", "ws/shared_values", "meanfield/cls/acc"):
         assert f"final/{key}" in final, key
     plots = {a.path for a in client.list_artifacts(run_id, "plots")}
     assert plots == {"plots/mixture.png", "plots/reliability.png"}

@@ -144,7 +144,7 @@ def assert_sweep_intact(tracking_uri: str, name: str, study: optuna.Study, n: in
     for child in children:
         number = by_run[child.info.run_id]
         assert child.data.tags["sweep.trial"] == str(number)
-        assert child.info.run_name.startswith(f"trial-{number} ")
+        assert child.info.run_name.endswith(f" (trial {number})")
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "cls/acc")]
         assert len(steps) == len(set(steps)), f"trial {number} logged a round twice"
 

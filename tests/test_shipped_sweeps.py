@@ -95,7 +95,8 @@ def test_shipped_sweep_runs_to_its_end(
     for child in children:
         number = child.data.tags["sweep.trial"]
         assert child.info.status == "FINISHED"
-        assert child.info.run_name.startswith(f"trial-{number} ")
+        assert child.info.run_name.startswith(child.data.tags["method"] + " ")
+        assert child.info.run_name.endswith(f" (trial {number})")
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "cls/acc")]
         assert len(steps) == len(set(steps)), "a step was logged twice"
     metrics = parent.data.metrics

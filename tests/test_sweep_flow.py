@@ -139,7 +139,8 @@ def test_three_trial_sweep(prefect_server, mlflow_store, tmp_path, capsys):
     for trial in trials:
         child = children[trial.user_attrs["mlflow_run_id"]]  # Optuna -> MLflow
         assert child.data.tags["sweep.trial"] == str(trial.number)
-        assert child.info.run_name.startswith(f"trial-{trial.number} ")
+        assert child.info.run_name.startswith("pwfn ")  # what differs first
+        assert child.info.run_name.endswith(f" (trial {trial.number})")
         assert f"b={trial.params['compression.b']}" in child.info.run_name
         assert f"reg={trial.params['compression.reg']:.3g}" in child.info.run_name
         final = child.data.metrics

@@ -161,6 +161,12 @@ class Column:
     fmt: Callable[[float], str]
 
 
+def prefixed(prefix: str, metrics: Mapping[str, float]) -> dict[str, float]:
+    """``{"cls/acc": x}`` as ``{"<prefix>/cls/acc": x}``: one predictive's metrics among
+    others (``mean/...``, ``sampled/...``)."""
+    return {f"{prefix}/{key}": value for key, value in metrics.items()}
+
+
 def percent(value: float) -> str:
     return f"{100 * value:.2f} %"
 
@@ -250,16 +256,18 @@ class Method(ABC):
     def finalize(self, model: nn.Module, ctx: StepContext) -> dict[str, float]:
         """Leave ``model`` eval-ready (sampling off) and return its final metrics.
 
-        Bayesian methods add the metrics of ``ctx.mc_samples`` averaged weight samples under
-        ``*_mc`` keys.
+        The final metrics mean the same for every method: ``cls/*`` and ``cal/*`` are the
+        model as it predicts (here: its mean weights), ``mean/cls/*`` and ``mean/cal/*`` those
+        of its mean weights, and for Bayesian methods ``sampled/cls/*`` and ``sampled/cal/*``
+        those of ``ctx.mc_samples`` averaged weight samples.
         """
         set_sampling(model, False)
         model.eval()
-        metrics = {**ctx.evaluate(model, keep=True), **weight_sharing_metrics(model)}
+        headline = ctx.evaluate(model, keep=True)
+        metrics = {**headline, **prefixed("mean", headline), **weight_sharing_metrics(model)}
         if self.bayesian and ctx.mc_samples > 0 and ctx.eval_loader is not None:
             seed_everything(derive_seed(ctx.seed, "final-eval"))
-            sampled = ctx.evaluate(model, mc_samples=ctx.mc_samples)
-            metrics |= {f"{key}_mc": value for key, value in sampled.items()}
+            metrics |= prefixed("sampled", ctx.evaluate(model, mc_samples=ctx.mc_samples))
         return metrics
 
     def describe(self, metrics: Mapping[str, float], step: Step | None = None) -> list[str]:

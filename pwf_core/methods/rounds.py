@@ -151,6 +151,16 @@ class FixingMethod(Method):
             f"unique values ({100 * metrics['ws/fixed_fraction']:.0f} % of weights fixed)"
         )
 
+    @staticmethod
+    def sharing_metrics(model: nn.Module) -> dict[str, float]:
+        """``ws/*`` of the network, with the counts every method reports alike: the values
+        the fixed weights share (``ws/shared_values``) and weights that share none (none)."""
+        metrics = weight_sharing_metrics(model)
+        return metrics | {"ws/shared_values": metrics["ws/unique_fixed_values"], "ws/outliers": 0.0}
+
+    def finalize(self, model: nn.Module, ctx: StepContext) -> dict[str, float]:
+        return super().finalize(model, ctx) | self.sharing_metrics(model)
+
     def training_hooks(self, model: nn.Module) -> TrainingHooks | None:
         """What the method adds to the training between rounds (WFN: its regulariser)."""
         return None
@@ -185,7 +195,7 @@ class FixingMethod(Method):
             weights.scatter_(model)
         self.synchronise(model)
         fix_seconds = time.perf_counter() - start
-        metrics = {**ctx.evaluate(model), **weight_sharing_metrics(model), **self.step_metrics()}
+        metrics = {**ctx.evaluate(model), **self.sharing_metrics(model), **self.step_metrics()}
         metrics |= {
             "train/loss": trained.mean_loss,
             "train/steps": float(trained.steps),

@@ -18,6 +18,7 @@ import yaml
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run, task_run
+from prefect.settings import PREFECT_UI_URL
 
 from pwf_core._files import is_complete_safetensors, write_text_atomic
 from pwf_core.checkpoint import read_checkpoint_header
@@ -39,11 +40,23 @@ from pwf_flows.infra import set_infra_timeout
 from pwf_flows.results import finished_result
 from pwf_flows.run_lock import exclusive_run
 from pwf_flows.sweep.trials import owned_trial
-from pwf_flows.tracking import RunTracker, standard_tags, tracked_run, tracking_uri
+from pwf_flows.tracking import (
+    RunTracker,
+    note,
+    run_url,
+    standard_tags,
+    tracked_run,
+    tracking_uri,
+)
 
 COMPUTE_KEYS = ("time/train_s", "time/fix_s", "time/eval_s")  # pwf_core's time, not Prefect's
 # Where each kind of output goes among the MLflow run's artifacts.
-ARTIFACT_FOLDERS = {".parquet": "tables", ".png": "plots", ".safetensors": "model"}
+ARTIFACT_FOLDERS = {
+    ".parquet": "tables",
+    ".json": "tables",
+    ".png": "plots",
+    ".safetensors": "model",
+}
 
 
 def _flow_run_name() -> str:
@@ -143,12 +156,13 @@ def _experiment(request: _Request) -> dict[str, Any]:
         return _already_complete(request, done)
     method = create_method(cfg.compression)
     plan = method.plan()
+    about = description(cfg, plan)
     title = f"{cfg.name}: {request.run_name}"
     started = time.perf_counter()
     with tracked_run(
-        cfg.name, request.run_name, _tags(request, plan), request.parent_run_id, _run_id(files)
+        cfg.name, request.run_name, _tags(request, about), request.parent_run_id, _run_id(files)
     ) as tracker:
-        _link(request, tracker)
+        _link(request, tracker, about)
         # Prefect links a task's inputs to the tasks whose results they are by the ids of the
         # results' parts; holding every result keeps a freed id from being reused by a later
         # object and linking a task to the wrong upstream one.
@@ -215,10 +229,10 @@ def _run_id(files: ExperimentFiles) -> str | None:
     return files.mlflow_run_id.read_text().strip() if files.mlflow_run_id.is_file() else None
 
 
-def _tags(request: _Request, plan: list[Step]) -> dict[str, str]:
+def _tags(request: _Request, about: str) -> dict[str, str]:
     cfg = request.cfg
     return {
-        **standard_tags(request.source, description(cfg, plan)),
+        **standard_tags(request.source, about),
         "method": cfg.compression.method,
         "model": cfg.model.name,
         "dataset": cfg.data.name,
@@ -228,8 +242,15 @@ def _tags(request: _Request, plan: list[Step]) -> dict[str, str]:
     }
 
 
-def _link(request: _Request, tracker: RunTracker) -> None:
-    """Tie the run to its folder and its Prefect runs, and record its parameters."""
+def prefect_task_url() -> str | None:
+    """The Prefect UI's page of the task run this code runs in (a sweep's in-process trial)."""
+    base = PREFECT_UI_URL.value()
+    return f"{base.rstrip('/')}/runs/task-run/{task_run.id}" if base and task_run.id else None
+
+
+def _link(request: _Request, tracker: RunTracker, about: str) -> None:
+    """Tie the run to its folder and its Prefect runs, with clickable links in its
+    description, and record its parameters."""
     files, logger = request.files, get_run_logger()
     write_text_atomic(files.mlflow_run_id, tracker.run_id)
     if not files.config.is_file():
@@ -240,6 +261,10 @@ def _link(request: _Request, tracker: RunTracker) -> None:
             | ({"prefect.flow_run_url": flow_run.ui_url} if flow_run.ui_url else {})
             | ({"prefect.task_run_id": task_run.id} if task_run.id else {})
         )
+    links = {"Prefect flow run": flow_run.ui_url, "Prefect task run": prefect_task_url()}
+    if request.parent_run_id:
+        links["the sweep's run"] = run_url(tracker.experiment_id, request.parent_run_id)
+    tracker.set_tags({"mlflow.note.content": note(about, links)})
     logger.info("MLflow run %s: %s", tracker.run_id, tracker.url)
     if world_size() > 1:
         logger.info("training on %d processes (DDP); rank 0 fixes and logs", world_size())
@@ -310,6 +335,8 @@ def _record_results(tracker: RunTracker, files: ExperimentFiles, summary: dict) 
     tracker.log_artifact(files.config)
     for path in map(Path, summary["outputs"].values()):
         tracker.log_artifact(path, ARTIFACT_FOLDERS[path.suffix])
+        if path.suffix == ".png":  # also an image, which MLflow's compare view shows
+            tracker.log_image(path, key=path.stem)
 
 
 def _table(

@@ -218,10 +218,12 @@ def evaluate_task(
         )
     if run.context.final_predictions is not None:
         log_probs, labels = run.context.final_predictions
+        bins = reliability_bins(log_probs.exp(), labels)
+        outputs["reliability_bins"] = write_text_atomic(
+            files.final / "reliability.json", json.dumps(bins)
+        )
         outputs["reliability"] = reliability_diagram(
-            reliability_bins(log_probs.exp(), labels),
-            files.final / "reliability.png",
-            f"{title}\nECE {metrics.get('cal/ece', float('nan')):.4f}",
+            bins, files.final / "reliability.png", title, metrics.get("cal/ece")
         )
     for figure in run.method.figures(run.model, cfg.seed):
         outputs[figure.name] = draw_figure(figure, files.final / f"{figure.name}.png", title)

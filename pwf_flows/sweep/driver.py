@@ -119,7 +119,7 @@ class Driver:
             "parent_run_id": self.parent_run_id,
             "progress": self.progress,
             "tags": {TRIAL_TAG: str(number), "sweep": self.spec.name},
-            "run_name": trial_run_name(number, params),
+            "run_name": trial_run_name(number, params, config.compression.method),
             "source": f"pwf sweep {self.spec.name}",
         }
 

@@ -109,10 +109,15 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-def trial_run_name(number: int, params: dict[str, Any]) -> str:
-    """``trial-3 reg=0.00123, b=5``: the trial's number and what it tried."""
-    described = ", ".join(f"{key.split('.')[-1]}={_short(v)}" for key, v in params.items())
-    return f"trial-{number} {described}".strip()
+def trial_run_name(number: int, params: dict[str, Any], method: str) -> str:
+    """``pwfn reg=0.00123, b=5 (trial 3)``: what differs first (the method, then what the
+    trial tried), the trial's number last, where a cut-off name still shows the rest."""
+    described = ", ".join(
+        f"{key.split('.')[-1]}={_short(value)}"
+        for key, value in params.items()
+        if value != method  # a choice of method, named by the method itself
+    )
+    return " ".join(part for part in (method, described, f"(trial {number})") if part)
 
 
 def duplicate_of(study: optuna.Study, trial: optuna.Trial) -> int | None:

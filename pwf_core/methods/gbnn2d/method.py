@@ -48,6 +48,7 @@ from pwf_core.methods.base import (
     StepContext,
     StepRecord,
     integer,
+    prefixed,
 )
 from pwf_core.methods.gbnn2d.blending import assign_blends
 from pwf_core.methods.gbnn2d.config import TwoDGBNNConfig
@@ -73,8 +74,8 @@ from pwf_core.train import OptimConfig, TrainingHooks, train
 MAX_AUTO_GAUSSIANS = 6000
 
 
-GAUSSIANS = Column("bnn/gaussians", "Gaussians", integer)
-OUTLIERS = Column("bnn/outliers", "outliers", integer)
+GAUSSIANS = Column("ws/shared_values", "Gaussians", integer)
+OUTLIERS = Column("ws/outliers", "outliers", integer)
 
 
 @register_method
@@ -261,8 +262,8 @@ class TwoDGBNN(Method):
         if sharing is None:  # the mean-field BNN: mu and sigma of every weight, all float32
             return {"size/trainable_params": float(trainable), "size/bytes": 4.0 * trainable}
         return {
-            "bnn/gaussians": float(sharing.num_gaussians),
-            "bnn/outliers": float(sharing.num_outliers),
+            "ws/shared_values": float(sharing.num_gaussians),
+            "ws/outliers": float(sharing.num_outliers),
             "bnn/blended": float(sharing.num_blended),
             "ws/unique_values": float(sharing.num_gaussians + sharing.num_outliers),
             "size/trainable_params": float(trainable),
@@ -280,8 +281,8 @@ class TwoDGBNN(Method):
     def summary_line(self, metrics: Mapping[str, float]) -> str:
         return (
             f"top-1 {100 * metrics['cls/acc']:.2f} %, NLL {metrics['cls/nll']:.4f}, ECE "
-            f"{metrics['cal/ece']:.4f} with {int(metrics['bnn/gaussians'])} shared Gaussians, "
-            f"{int(metrics['bnn/outliers'])} outliers; "
+            f"{metrics['cal/ece']:.4f} with {int(metrics['ws/shared_values'])} shared Gaussians, "
+            f"{int(metrics['ws/outliers'])} outliers; "
             f"{int(metrics['size/trainable_params']):,} trainable parameters "
             f"(mean-field BNN: {int(metrics['meanfield/size/trainable_params']):,})"
         )
@@ -293,16 +294,17 @@ class TwoDGBNN(Method):
         return [Figure("mixture", "gaussian_mixture", mixture_snapshot(model, seed=seed))]
 
     def finalize(self, model: nn.Module, ctx: StepContext) -> dict[str, float]:
-        """The stochastic model's metrics (``eval_samples`` averaged logits), the mean-weight
-        model's (``*_mean``), the mean-field BNN's (``meanfield/*``), the sizes."""
+        """The stochastic model's metrics (``eval_samples`` averaged logits: the headline
+        ``cls/*``, ``cal/*``, and the same under ``sampled/``), the mean-weight model's
+        (``mean/*``), the mean-field BNN's (``meanfield/*``), the sizes."""
         set_sampling(model, None)
         model.eval()
         seed_everything(derive_seed(ctx.seed, "final-eval"))
-        metrics = ctx.evaluate(
+        headline = ctx.evaluate(
             model, mc_samples=self.config.eval_samples, average="logits", keep=True
         )
-        mean = ctx.evaluate(model)
-        metrics |= {f"{key}_mean": value for key, value in mean.items()}
+        metrics = {**headline, **prefixed("sampled", headline)}
+        metrics |= prefixed("mean", ctx.evaluate(model))
         metrics |= self.structure_metrics(model) | self.meanfield
         plain = sum(p.numel() for p in model.parameters() if p.requires_grad)
         plain += sum(p.mu.numel() for p in bayesian_params(model))
