@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-from-pyproject
 PYTEST_ARGS ?=
 CONFIG ?=
 
-.PHONY: venv run test lint format bench
+.PHONY: venv browser run test lint format bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,11 +17,16 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The report's page is tested in the distribution's headless Chromium (driven by selenium).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { apt-get update -q && apt-get install -y -q --no-install-recommends chromium chromium-driver; }
+
 run: $(STAMP)
 	$(VENV)/bin/pwf run $(CONFIG)
 
 # pytest exits with 5 when a marker filter selects no test; that is not a failure of the suite.
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \

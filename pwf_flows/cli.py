@@ -123,6 +123,32 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the study's trials and Pareto front, run nothing",
     )
+    report = commands.add_parser(
+        "report", help="compare finished runs: HTML page, figures and tables from MLflow"
+    )
+    report.add_argument(
+        "--experiment",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="every finished run of this MLflow experiment (repeatable)",
+    )
+    report.add_argument(
+        "--sweep", metavar="NAME_OR_FILE", help="a sweep's trials (its name, or its YAML file)"
+    )
+    report.add_argument(
+        "--run", action="append", default=[], metavar="ID", help="one run (repeatable)"
+    )
+    report.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="where the runs are (default: MLFLOW_TRACKING_URI, else ./mlruns.db)",
+    )
+    report.add_argument("--out", type=Path, help="folder for the report (default: reports/NAME)")
+    report.add_argument("--title", help="the page's title (default: what it covers)")
+    report.add_argument(
+        "--one-panel", action="store_true", help="all runs in one panel (one dataset only)"
+    )
     return parser
 
 
@@ -272,6 +298,43 @@ def sweep_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def report_command(args: argparse.Namespace) -> int:
+    """``pwf report``: every problem with what it is asked for (an unknown experiment or run,
+    an empty selection, a tracking URI that does not answer) ends in one line and exit 2,
+    before anything is written."""
+    from pwf_flows.report.collect import ReportError, Selection
+    from pwf_flows.report.store import open_store
+
+    sweep = args.sweep
+    if sweep is not None and sweep.endswith((".yaml", ".yml")):
+        from pwf_flows.sweep.spec import sweep_name
+
+        sweep = sweep_name(Path(sweep))
+    selection = Selection(tuple(args.experiment), sweep, tuple(args.run), args.one_panel)
+    covered = [*args.experiment, *([sweep] if sweep else []), *args.run]
+    title = args.title or f"pwf report: {', '.join(covered)}"
+    folder = args.out or Path("reports") / slug(covered)
+    if folder.exists() and not folder.is_dir():
+        raise ReportError(f"--out: '{folder}' is a file, not a folder")
+    client, source = open_store(args.tracking_uri)
+    from pwf_flows.report import build_report, write_report
+
+    report = build_report(client, selection, title, source)
+    paths = write_report(report, folder)
+    print(
+        f"pwf report: {len(report.runs)} runs\n"
+        + "".join(f"  {name + ':':<12}{path}\n" for name, path in paths.items())
+        + f"  open:       file://{paths['html'].resolve()}"
+    )
+    return 0
+
+
+def slug(names: list[str]) -> str:
+    """A folder name for what a report covers."""
+    text = "-".join(names)[:60] or "report"
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
+
+
 def one_line(message: str) -> str:
     """A possibly multi-line error as one line: ``title: field: problem; field: problem``."""
     lines = [line.strip() for line in str(message).splitlines() if line.strip()]
@@ -339,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return run_command(args, argv)
+        if args.command == "report":
+            return report_command(args)
         return sweep_command(args)
     except Terminated:
         _quiet_prefect()

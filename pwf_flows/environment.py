@@ -29,6 +29,7 @@ def configure_environment(workdir: Path | None = None) -> None:
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "DO_NOT_TRACK": "true",
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a bar per file read by a report
         "MLFLOW_TRACKING_URI": default_tracking_uri(workdir),
         "HF_HUB_OFFLINE": "1",
         "TQDM_MININTERVAL": "1",

@@ -39,7 +39,7 @@ from pwf_flows.sweep.study import (
 )
 from pwf_flows.sweep.trials import Heartbeats, fail_stale, quiet_optuna, requeue
 from pwf_flows.tracking import client as mlflow_client
-from pwf_flows.tracking import experiment_id, retried
+from pwf_flows.tracking import experiment_id, retried, run_url
 
 POLL_SECONDS = 2.0
 
@@ -200,7 +200,10 @@ class Driver:
                     self.fail(trial.number, repr(err))  # recorded; the sweep goes on
                     continue
                 heartbeats.release(trial._trial_id)
-                self.record(trial.number, {**result, "mlflow_run_id": result["run_id"]})
+                self.record(
+                    trial.number,
+                    {**result, "mlflow_run_id": result["run_id"], "mlflow_run_url": result["url"]},
+                )
 
     def adoptable(self, client) -> dict[Any, FrozenTrial]:
         """Running trials whose deployment run is still going (or finished while no driver
@@ -321,5 +324,6 @@ def child_result(experiment: str, parent_run_id: str, number: int) -> dict[str, 
         },
         "timing": {k: v for k, v in logged.items() if k.startswith("time/")},
         "mlflow_run_id": runs[0].info.run_id,
+        "mlflow_run_url": run_url(runs[0].info.experiment_id, runs[0].info.run_id),
         "pretrained_accuracy": logged.get("pretrain/test_acc"),
     }

@@ -22,10 +22,17 @@ from pwf_core._files import file_lock, write_text_atomic
 from pwf_flows.environment import configure_environment
 from pwf_flows.infra import set_infra_timeout
 from pwf_flows.sweep.driver import Driver
-from pwf_flows.sweep.report import report_sweep, trials_table
+from pwf_flows.sweep.report import method_label, report_sweep, trials_table
 from pwf_flows.sweep.spec import SweepSpec, dump_spec, load_sweep, masked_url
 from pwf_flows.sweep.study import TRIAL_TAG, open_study, trials_in
-from pwf_flows.tracking import RunTracker, experiment_id, find_run, retried, tracked_run
+from pwf_flows.tracking import (
+    RunTracker,
+    experiment_id,
+    find_run,
+    note,
+    retried,
+    tracked_run,
+)
 from pwf_flows.tracking import client as mlflow_client
 
 
@@ -128,11 +135,22 @@ def _start_parent(parent: RunTracker, study: optuna.Study, spec: SweepSpec, fold
             "sweep.base": spec.base.name,
         }
     )
+    about = (
+        f"sweep {spec.name}: {spec.n_trials} trials of {method_label(spec)} on "
+        f"{spec.base.name} ({spec.sampler}); Optuna study '{spec.name}'"
+    )
+    links = {"Prefect flow run": flow_run.ui_url, "the trials compared": _report_link(parent)}
+    parent.set_tags({"mlflow.note.content": note(about, links)})
     closed = close_orphaned_runs(study, spec.name, parent.run_id)
     if closed:
         get_run_logger().info("closed MLflow runs left RUNNING by a stopped driver: %s", closed)
     write_text_atomic(folder / "sweep.yaml", dump_spec(spec))
     parent.log_artifact(folder / "sweep.yaml")
+
+
+def _report_link(parent: RunTracker) -> str:
+    """Where MLflow shows the sweep's report (an HTML artifact of its parent run)."""
+    return f"{parent.url}/artifacts/report/report.html"
 
 
 def _timing(earlier: dict[str, float], wall_s: float, compute_s: float) -> dict[str, float]:

@@ -3,7 +3,9 @@ metrics on its parent MLflow run."""
 
 from __future__ import annotations
 
+import base64
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -11,9 +13,13 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 from prefect import get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
 
 from pwf_core._files import atomic_path
 from pwf_flows.plots import bar_chart, pareto_front
+from pwf_flows.report import Selection, build_report, write_report
+from pwf_flows.report.table import FIELDS
 from pwf_flows.sweep.spec import OBJECTIVES, SweepSpec
 from pwf_flows.sweep.study import REPORTED, trials_in
 from pwf_flows.tracking import RunTracker
@@ -141,7 +147,39 @@ def report_sweep(
         )
         parent.log_artifact(path, "plots")
     parent.log_metrics(summary)
+    if not table.empty:
+        publish_comparison(spec, parent, folder)
     return table
+
+
+def publish_comparison(spec: SweepSpec, parent: RunTracker, folder: Path) -> None:
+    """The sweep's trials compared (``pwf report`` of the sweep) on its parent MLflow run, and
+    its table and front as artifacts of the sweep's Prefect flow run."""
+    report = build_report(
+        parent.client, Selection(sweep=spec.name), f"{spec.name}: the trials compared", "MLflow"
+    )
+    for path in write_report(report, folder / "report").values():
+        parent.log_artifact(path, "report")
+    if not flow_run.id:
+        return
+    key = re.sub(r"[^a-z0-9-]+", "-", spec.name.lower()).strip("-")[:40]
+    create_table_artifact(
+        [
+            {"method": run.method, "run": run.name, "mlflow_url": run.url}
+            | {field.header: field.cell(run) for field in FIELDS}
+            for run in report.runs
+        ],
+        key=f"sweep-{key}-table",
+        description=f"{spec.name}: every trial, as pwf report tabulates it",
+    )
+    front = base64.b64encode(report.front_png).decode()
+    create_markdown_artifact(
+        f"### {spec.name}: the trials compared\n\n"
+        f"MLflow parent run: [{parent.run_id}]({parent.url}) (report.html under report/)\n\n"
+        f"![accuracy against unique values](data:image/png;base64,{front})\n\n" + report.markdown,
+        key=f"sweep-{key}-front",
+        description=f"{spec.name}: accuracy against unique values, one series per method",
+    )
 
 
 def pareto_report(spec: SweepSpec) -> pd.DataFrame | None:

@@ -369,6 +369,20 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     return spec
 
 
+def sweep_name(path: Path) -> str:
+    """The name in a sweep file (its study and MLflow experiment), read without validating the
+    rest of it.
+
+    Raises:
+        ConfigError: for a missing or unreadable file, or a name that is not one.
+    """
+    values = read_yaml(path, "sweep file")
+    try:
+        return check_name(str(values.get("name", "")), "name")
+    except ValueError as err:
+        raise ConfigError(f"sweep file '{path}': {err}") from None
+
+
 def dump_spec(spec: SweepSpec) -> str:
     """The validated sweep as YAML (logged with the sweep's MLflow run), password masked."""
     values = spec.model_dump(mode="json", by_alias=True)

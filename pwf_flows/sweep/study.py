@@ -84,7 +84,7 @@ def tell(study: optuna.Study, spec: SweepSpec, number: int, result: dict[str, An
     for name, key in REPORTED.items():
         if key in metrics:
             study._storage.set_trial_user_attr(trial_id, name, float(metrics[key]))
-    for key in ("mlflow_run_id", "pretrained_accuracy"):
+    for key in ("mlflow_run_id", "mlflow_run_url", "pretrained_accuracy"):
         if result.get(key) is not None:
             study._storage.set_trial_user_attr(trial_id, key, result[key])
     study.tell(number, objective_values(spec, metrics))

@@ -1,0 +1,221 @@
+"""``pwf report`` and the views a researcher clicks through: a real sweep of every method (the
+shipped methods sweep on a tiny base) in a real MLflow store and Prefect server, its report
+read as files, through MLflow's and Prefect's APIs, and in a real headless Chromium."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from pwf_flows.cli import main as pwf_main
+from tests._dummies.services import free_port
+from tests.conftest import ROOT
+from tests.test_shipped_sweeps import tiny_overrides
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+METHODS = ROOT / "sweeps" / "methods.yaml"
+SCREENSHOT = ROOT / "docs" / "report.png"
+
+
+@pytest.fixture(scope="module")
+def methods_sweep(tmp_path_factory, prefect_server):
+    """The methods sweep, run to its end once; its folder and MLflow store."""
+    folder = tmp_path_factory.mktemp("methods")
+    uri = f"sqlite:///{folder / 'mlruns.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.setenv("PREFECT_API_URL", prefect_server)
+        patch.chdir(folder)
+        storage = f"sqlite:///{folder / 'optuna.db'}"
+        fields = tiny_overrides(METHODS, storage, folder / "artifacts")
+        items = [f"{key}={json.dumps(value)}" for key, value in fields.items()]
+        argv = ["sweep", str(METHODS), "--no-progress", *[a for i in items for a in ("--set", i)]]
+        assert pwf_main(argv) == 0
+        yield folder, uri, storage
+
+
+def _report(folder: Path, uri: str, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pwf_flows.cli", "report", *argv],
+        cwd=folder,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def trial_runs(uri: str) -> list:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("methods")
+    return [
+        run
+        for run in client.search_runs([experiment.experiment_id])
+        if run.data.tags.get("kind") != "sweep"
+    ]
+
+
+def test_the_report_holds_every_method_with_the_numbers_mlflow_holds(methods_sweep):
+    folder, uri, _ = methods_sweep
+    done = _report(folder, uri, "--sweep", str(METHODS), "--out", "out")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out = folder / "out"
+    assert {p.name for p in out.iterdir()} == {
+        "report.html",
+        "front.png",
+        "reliability.png",
+        "table.csv",
+        "table.md",
+    }
+    runs = {run.info.run_id: run for run in trial_runs(uri)}
+    with (out / "table.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(row["method"] for row in rows) == ["2dgbnn", "kmeans", "pwfn", "uniform", "wfn"]
+    for row in rows:
+        metrics = runs[row["run_id"]].data.metrics
+        assert float(row["top-1"]) == metrics["final/cls/acc"]
+        assert float(row["unique values"]) == metrics["final/ws/unique_values"]
+        assert float(row["ECE"]) == metrics["final/cal/ece"]
+        assert float(row["stored bytes"]) == metrics["final/size/file_bytes"]
+        delta = metrics["final/cls/acc"] - metrics["pretrain/test_acc"]
+        assert float(row["Δ top-1 vs pretrained"]) == pytest.approx(delta)
+    gbnn = next(row for row in rows if row["method"] == "2dgbnn")
+    metrics = runs[gbnn["run_id"]].data.metrics
+    assert float(gbnn["shared values"]) + float(gbnn["outliers"]) == float(gbnn["unique values"])
+    assert metrics["final/ws/shared_values"] == float(gbnn["shared values"])
+    page = (out / "report.html").read_text()
+    # Nothing is fetched (it opens offline); links lead only to the runs' MLflow and Prefect pages.
+    assert "<script" not in page and "<link" not in page and "src=" not in page
+    assert not re.findall(r"url\((?!#)", page) and "@import" not in page  # url(#id) is inline
+    links = re.findall(r'<a href="([^"]+)"', page)
+    assert links and all(re.match(r"http://127\.0\.0\.1:\d+/", link) for link in links)
+    assert page.count("<title>") >= 1 + len(rows)  # the page's and one per point
+    assert "shared Gaussians plus the outliers" in page  # the front says which count it uses
+
+
+def test_the_sweep_leaves_its_report_in_mlflow_and_prefect(methods_sweep):
+    _, uri, storage = methods_sweep
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("methods")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.kind = 'sweep'")
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.html", "report/front.png", "report/table.csv"} <= logged
+    assert "[the trials compared](" in parent.data.tags["mlflow.note.content"]
+    for run in trial_runs(uri):
+        tags = run.data.tags
+        assert run.info.run_name.startswith(tags["method"]) and tags["method"]
+        assert (
+            "[the sweep's run](http://127.0.0.1:5000/#/experiments/" in tags["mlflow.note.content"]
+        )
+        images = {a.path for a in client.list_artifacts(run.info.run_id, "images")}
+        assert any("reliability" in path for path in images), images  # the compare view's
+    study = optuna.load_study(study_name="methods", storage=storage)
+    for trial in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+        url = trial.user_attrs["mlflow_run_url"]
+        assert url.endswith(f"/runs/{trial.user_attrs['mlflow_run_id']}")
+    flow_run_id = parent.data.tags["prefect.flow_run_id"]
+    with get_client(sync_client=True) as prefect:
+        artifacts = prefect.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    kinds = {artifact.type for artifact in artifacts if "methods" in (artifact.key or "")}
+    assert {"table", "markdown"} <= kinds
+    front = next(a for a in artifacts if a.type == "markdown" and "front" in (a.key or ""))
+    assert "data:image/png;base64," in front.data and "| pwfn |" in front.data
+
+
+def test_the_page_renders_in_a_headless_browser_with_mlflows_numbers(methods_sweep, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    folder, uri, _ = methods_sweep
+    done = _report(folder, uri, "--sweep", "methods", "--out", "browsed")
+    assert done.returncode == 0, done.stderr[-2000:]
+    page = folder / "browsed" / "report.html"
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1800"):
+        options.add_argument(flag)
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(
+        service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=options
+    )
+    try:
+        driver.get(page.as_uri())
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+        runs = {run.info.run_id: run.data.metrics for run in trial_runs(uri)}
+        shown = driver.find_elements(By.CSS_SELECTOR, "tr[data-run]")
+        assert len(shown) == len(runs) == 5
+        for row in shown:
+            metrics = runs[row.get_attribute("data-run")]
+            cell = row.find_element(By.CSS_SELECTOR, 'td[data-key="cls/acc"]')
+            assert float(cell.get_attribute("data-value")) == metrics["final/cls/acc"]
+            assert cell.text == f"{100 * metrics['final/cls/acc']:.2f} %"  # what a reader reads
+            ece = row.find_element(By.CSS_SELECTOR, 'td[data-key="cal/ece"]')
+            assert ece.text == f"{metrics['final/cal/ece']:.4f}"
+        front = driver.find_element(By.CSS_SELECTOR, "#front svg")
+        assert front.size["width"] > 400 and front.size["height"] > 200
+        points = driver.find_elements(By.CSS_SELECTOR, "#front svg g[id^='point-'] > title")
+        assert len(points) == 5
+        assert any("pwfn" in p.get_attribute("textContent") for p in points)
+        assert driver.find_element(By.CSS_SELECTOR, "#reliability svg").size["width"] > 300
+        driver.save_screenshot(str(tmp_path / "report.png"))
+    finally:
+        driver.quit()
+    from PIL import Image
+
+    with Image.open(tmp_path / "report.png") as shot:
+        shades = shot.convert("L").getcolors(maxcolors=256)
+        assert shot.size[0] >= 1000 and shades is not None and len(shades) > 20  # not blank
+    if os.environ.get("PWF_UPDATE_SCREENSHOT"):  # how docs/report.png is made
+        shutil.copy(tmp_path / "report.png", SCREENSHOT)
+
+
+BAD = {
+    "unknown-experiment": (["--experiment", "nope"], "no MLflow experiment 'nope'"),
+    "unknown-run": (["--run", "0123456789abcdef"], "no MLflow run '0123456789abcdef'"),
+    "nothing-named": ([], "name what to report on"),
+    "empty-selection": (["--experiment", "empty"], "holds no finished experiment run"),
+    "datasets-in-one-panel": (
+        ["--experiment", "methods", "--experiment", "elsewhere", "--one-panel"],
+        "runs of different datasets (digits, mnist) cannot share one panel",
+    ),
+    "unreachable": (["--experiment", "methods", "--tracking-uri", "{closed}"], "did not answer"),
+    "no-store": (["--experiment", "methods", "--tracking-uri", "{missing}"], "no MLflow store"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_requests_end_in_one_line_and_write_nothing(case, methods_sweep, tmp_path):
+    folder, uri, _ = methods_sweep
+    client = MlflowClient(uri)
+    if client.get_experiment_by_name("empty") is None:
+        client.create_experiment("empty")
+        other = client.create_run(client.create_experiment("elsewhere"), tags={"dataset": "mnist"})
+        client.log_metric(other.info.run_id, "final/cls/acc", 0.99)
+        client.log_metric(other.info.run_id, "final/ws/unique_values", 50)
+        client.set_terminated(other.info.run_id)
+    argv, expected = BAD[case]
+    closed = f"http://127.0.0.1:{free_port()}"
+    missing = f"sqlite:///{tmp_path / 'none.db'}"
+    argv = [a.format(closed=closed, missing=missing) for a in argv]
+    done = _report(folder, uri, *argv, "--out", str(tmp_path / "out"))
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("pwf: ") and expected in lines[0], lines
+    assert not (tmp_path / "out").exists() and not (tmp_path / "none.db").exists()
