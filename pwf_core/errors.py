@@ -17,3 +17,12 @@ class CheckpointError(RuntimeError):
 
 class DatasetError(RuntimeError):
     """A dataset path that is missing or whose files are malformed."""
+
+
+class CompressedFileError(CheckpointError):
+    """A compressed model file that is truncated, corrupted, or written by a newer pwf."""
+
+
+class NotCompressedError(ValueError):
+    """A model asked to be stored or exported compressed that is not: never converted, or
+    some converted weight still free."""

@@ -24,7 +24,7 @@ from torch import nn
 
 from pwf_core._files import load_tensors, read_metadata, save_tensors, smallest_index_dtype
 from pwf_core.bayes import bayesian_params, is_bayesian, plain_state
-from pwf_core.errors import CheckpointError
+from pwf_core.errors import CheckpointError, NotCompressedError
 from pwf_core.metrics import converted_values
 from pwf_core.models import ModelSpec
 from pwf_core.registry import format_for, format_named, register_format
@@ -128,6 +128,11 @@ class CodebookFormat:
         )
 
     @staticmethod
+    def mean_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+        """Each converted tensor's values (its shared values), by parameter name."""
+        return {p.name: p.mu.detach() for p in bayesian_params(model)}
+
+    @staticmethod
     def decode(tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The converted weights, by parameter name."""
         codebook = tensors["codebook"]
@@ -199,6 +204,36 @@ def save_compressed(
     )
 
 
+_SHARED = "_pwf_shared"
+
+
+@torch.no_grad()
+def shared_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The value every shared tensor takes at inference, by parameter name.
+
+    For a converted model whose every converted weight is fixed (its shared values), a 2DGBNN
+    model (its Gaussians' mean weights), or a plain model from :func:`load_compressed`.
+    Layers the user kept in float are not among them.
+
+    Raises:
+        NotCompressedError: for a model that was never compressed, or has free weights.
+    """
+    if bayesian_params(model):
+        try:
+            return format_for(model).mean_weights(model)
+        except LookupError:
+            raise NotCompressedError(
+                "some converted weights are still free: run every step of the method first"
+            ) from None
+    names = model.__dict__.get(_SHARED)
+    if names is None:
+        raise NotCompressedError(
+            "the model is not compressed: pass the model compress() returned or "
+            "load_compressed() loaded"
+        )
+    return {name: model.get_parameter(name).detach() for name in names}
+
+
 def read_header(path: str | Path) -> dict[str, Any]:
     """The JSON header of an exported model (architecture, config, format)."""
     metadata = read_metadata(path)
@@ -247,4 +282,10 @@ def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Modu
     except RuntimeError as err:
         raise CheckpointError(f"'{path}' does not fit the given model: {err}") from None
     fmt.install(model, own, header)
+    if not bayesian_params(model):
+        # which tensors are shared values, for export_onnx; a stochastic format's model
+        # keeps its converted layers and says so itself.
+        model.__dict__[_SHARED] = tuple(
+            name for name in fmt.decode(own, header) if name in dict(model.named_parameters())
+        )
     return model.eval()

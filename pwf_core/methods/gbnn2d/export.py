@@ -72,6 +72,16 @@ class GaussianFormat:
         )
 
     @staticmethod
+    def mean_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+        """The mean model's weights (Gaussians' means, blends, outliers), by parameter name."""
+        sharing = sharing_of(model)
+        assert sharing is not None, "the model has no shared Gaussians"
+        params = bayesian_params(model)
+        flat = sharing.flat_weights(sample=False).detach()
+        pieces = flat.split([p.mu.numel() for p in params])
+        return {p.name: piece.view_as(p.mu) for p, piece in zip(params, pieces, strict=True)}
+
+    @staticmethod
     def decode(tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Placeholders for the converted weights: the Gaussians provide them once installed."""
         return {name: torch.zeros(shape) for name, shape in header["layout"]}
