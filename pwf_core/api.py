@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pwf_core._seeding import derive_seed, isolated_rng
-from pwf_core.bayes import ConversionReport, is_bayesian, to_bayesian
+from pwf_core.bayes import ConversionReport, ModuleFilter, is_bayesian, to_bayesian
 from pwf_core.checkpoint import load_checkpoint, save_checkpoint
 from pwf_core.config import ExperimentConfig
 from pwf_core.data import ImageDataset, load_dataset
@@ -62,6 +62,9 @@ class Compression:
         progress: Progress bars on a terminal.
         log: Receives one line per epoch and per step.
         mc_samples: Weight samples averaged for the final sampled metrics.
+        filter_fn: ``filter_fn(module, name) -> bool``: compress only the conv/linear layers
+            it accepts (with the method config's ``include``/``exclude``); the others stay
+            float. Pass the same one to restore a checkpoint.
     """
 
     def __init__(
@@ -76,9 +79,11 @@ class Compression:
         progress: bool = True,
         log: Callable[[str], None] | None = None,
         mc_samples: int = 0,
+        filter_fn: ModuleFilter | None = None,
     ) -> None:
         self.model = model
         self.method: Method = create_method(method)
+        self.filter_fn = filter_fn
         self.context = StepContext(
             train_loader=train_loader,
             eval_loader=eval_loader,
@@ -135,7 +140,7 @@ class Compression:
         """Convert the model's conv/linear layers and initialise them for the method."""
         if any(is_bayesian(m) for m in self.model.modules()):
             raise ValueError("the model is already converted; strip() it or start from a copy")
-        return self.method.convert(self.model)
+        return self.method.convert(self.model, self.filter_fn)
 
     def run_step(self, step: Step | int) -> StepRecord:
         """Run one step of the plan (a :class:`Step` or its 0-based index)."""
@@ -156,7 +161,11 @@ class Compression:
     def restore(self, path: str | Path) -> dict[str, Any]:
         """Load a checkpoint written by :meth:`save` (converting the model first if needed)."""
         if not any(is_bayesian(m) for m in self.model.modules()):
-            to_bayesian(self.model, attrs=self.method.converted)
+            to_bayesian(
+                self.model,
+                attrs=self.method.converted,
+                filter_fn=self.method.module_filter(self.filter_fn),
+            )
         self.method.attach(self.model)
         return load_checkpoint(path, self.model, self.method)
 
@@ -171,6 +180,7 @@ def compress(
     seed: int = 0,
     progress: bool = True,
     mc_samples: int = 0,
+    filter_fn: ModuleFilter | None = None,
 ) -> pd.DataFrame:
     """Compress a trained ``model`` in place with a registered method.
 
@@ -189,6 +199,9 @@ def compress(
         seed: Seed of every random draw; the same seed gives the same result.
         progress: Print one line per step (and progress bars on a terminal).
         mc_samples: For Bayesian methods, weight samples averaged in the final metrics.
+        filter_fn: ``filter_fn(module, name) -> bool``: compress only the conv/linear layers
+            it accepts, e.g. ``lambda m, name: name not in ("conv1", "fc")``; the others stay
+            float (the method config's ``include``/``exclude`` patterns do the same).
 
     Returns:
         One row per step: ``step``, ``stage``, ``round``, ``fraction``, ``cls/acc``,
@@ -206,6 +219,7 @@ def compress(
             progress=progress,
             log=log,
             mc_samples=mc_samples,
+            filter_fn=filter_fn,
         )
         run.convert()
         records = [run.run_step(step) for step in run.steps]

@@ -12,10 +12,11 @@ with sampling off (logits identical to the original model's) all keep working.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 
 import torch
 from torch import nn
@@ -27,6 +28,10 @@ _SAMPLED = ("weight", "bias")
 _BAYESIAN_CLASSES: dict[type, type] = {}
 _ORIGINAL_CLASSES: dict[type, type] = {}
 
+
+#: ``filter_fn(module, name) -> bool``: whether a conv/linear layer is converted (torchao's
+#: ``filter_fn``); ``name`` is the module's dotted name in the model, e.g. ``layer1.0.conv1``.
+ModuleFilter = Callable[[nn.Module, str], bool]
 
 _NOISE_CHUNK = 1 << 20
 _noise_pool: ThreadPoolExecutor | None = None
@@ -184,12 +189,77 @@ class BayesianParam:
         return self.module._buffers[f"{self.attr}_fixed_mask"]
 
 
+def _matches(name: str, pattern: str) -> bool:
+    """``pattern`` (fnmatch) names the module ``name`` or one of the modules it sits in, so
+    ``head`` selects ``head.fc`` too."""
+    parts = name.split(".")
+    return any(fnmatchcase(".".join(parts[:end]), pattern) for end in range(1, len(parts) + 1))
+
+
+def convertible_names(model: nn.Module) -> list[str]:
+    """Dotted names of the conv/linear layers of ``model`` (what conversion can select)."""
+    return [name for name, module in model.named_modules() if isinstance(module, CONVERTIBLE)]
+
+
+def check_patterns(model: nn.Module, include: Sequence[str], exclude: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming every pattern that selects no conv/linear layer of ``model``
+    (a typo would otherwise convert everything, or nothing, silently)."""
+    names = convertible_names(model)
+    for key, patterns in (("include", include), ("exclude", exclude)):
+        unmatched = [p for p in patterns if not any(_matches(n, p) for n in names)]
+        if unmatched:
+            more = f", … ({len(names)} in all)" if len(names) > 12 else ""
+            shown = ", ".join(names[:12]) + more
+            raise ValueError(
+                f"compression.{key}: {', '.join(map(repr, unmatched))} matches no conv/linear "
+                f"layer of the model; its layers: {shown}"
+            )
+    if include and not any(
+        _matches(n, p) for n in names for p in include if not any(_matches(n, e) for e in exclude)
+    ):
+        raise ValueError("compression.include and exclude leave no layer to compress")
+
+
+def module_filter(
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    filter_fn: ModuleFilter | None = None,
+) -> ModuleFilter | None:
+    """The layers to convert: those ``include`` names (all when empty), but none ``exclude``
+    names, and only those ``filter_fn`` accepts. ``None`` when everything is converted.
+
+    Args:
+        include: fnmatch patterns of module names (a pattern also selects the modules inside
+            the one it names).
+        exclude: Patterns of module names to keep in float.
+        filter_fn: ``filter_fn(module, name) -> bool``, applied after the patterns.
+    """
+    if not include and not exclude and filter_fn is None:
+        return None
+
+    def selects(module: nn.Module, name: str) -> bool:
+        if include and not any(_matches(name, p) for p in include):
+            return False
+        if any(_matches(name, p) for p in exclude):
+            return False
+        return filter_fn is None or bool(filter_fn(module, name))
+
+    return selects
+
+
 @dataclass
 class ConversionReport:
-    """Which parameters became (mu, sigma) pairs and which stayed deterministic."""
+    """Which parameters became (mu, sigma) pairs and which stayed deterministic.
+
+    Args:
+        converted: Converted tensors and their sizes.
+        left: Every other parameter (norms, tokens, and layers kept in float).
+        excluded: The parameters of conv/linear layers left in float by the selection.
+    """
 
     converted: dict[str, int] = field(default_factory=dict)
     left: dict[str, int] = field(default_factory=dict)
+    excluded: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_converted(self) -> int:
@@ -199,11 +269,18 @@ class ConversionReport:
     def num_left(self) -> int:
         return sum(self.left.values())
 
+    @property
+    def num_excluded(self) -> int:
+        return sum(self.excluded.values())
+
     def summary(self) -> str:
-        return (
+        line = (
             f"{len(self.converted)} tensors ({self.num_converted:,} values) converted to "
             f"(mu, sigma); {len(self.left)} tensors ({self.num_left:,} values) left deterministic"
         )
+        if self.excluded:
+            line += f", {self.num_excluded:,} of them in conv/linear layers kept in float"
+        return line
 
 
 def is_bayesian(module: nn.Module) -> bool:
@@ -212,7 +289,10 @@ def is_bayesian(module: nn.Module) -> bool:
 
 
 def to_bayesian(
-    model: nn.Module, sigma_init: float = 1e-4, attrs: tuple[str, ...] = _SAMPLED
+    model: nn.Module,
+    sigma_init: float = 1e-4,
+    attrs: tuple[str, ...] = _SAMPLED,
+    filter_fn: ModuleFilter | None = None,
 ) -> ConversionReport:
     """Convert every conv/linear weight and bias (or just ``attrs``) of ``model`` in place.
 
@@ -223,12 +303,17 @@ def to_bayesian(
     Args:
         model: The network; it keeps its structure, names and forward.
         sigma_init: Initial standard deviation of every converted value.
+        attrs: Which parameters of a layer to convert.
+        filter_fn: ``filter_fn(module, name) -> bool``: convert only the layers it accepts
+            (see :func:`module_filter`); the others stay float.
 
     Returns:
         The report of converted and untouched parameters (names and sizes).
     """
-    for module in model.modules():
+    for prefix, module in model.named_modules():
         if not isinstance(module, CONVERTIBLE) or is_bayesian(module):
+            continue
+        if filter_fn is not None and not filter_fn(module, prefix):
             continue
         names = tuple(n for n in attrs if module._parameters.get(n) is not None)
         for name in names:
@@ -288,7 +373,13 @@ def conversion_report(model: nn.Module) -> ConversionReport:
         for name, p in model.named_parameters()
         if name not in converted and name not in sigma_names
     }
-    return ConversionReport(converted=converted, left=left)
+    excluded = {
+        f"{prefix}.{name}" if prefix else name: p.numel()
+        for prefix, module in model.named_modules()
+        if isinstance(module, CONVERTIBLE) and not is_bayesian(module)
+        for name, p in module.named_parameters(recurse=False)
+    }
+    return ConversionReport(converted=converted, left=left, excluded=excluded)
 
 
 def bayesian_params(model: nn.Module) -> list[BayesianParam]:

@@ -144,19 +144,28 @@ def weight_sharing_metrics(model: nn.Module) -> dict[str, float]:
 
     Keys: ``ws/unique_values`` (among all converted values, free ones included),
     ``ws/unique_fixed_values`` (among the fixed ones only: the codebook so far),
-    ``ws/entropy_bits``, ``ws/fixed_fraction``, ``ws/params_converted`` and
-    ``ws/params_other`` (norms, tokens: not counted as shared).
+    ``ws/entropy_bits``, ``ws/fixed_fraction``, ``ws/params_converted``,
+    ``ws/params_other`` (norms, tokens, float layers: not counted as shared) and
+    ``ws/params_excluded`` (those of them in conv/linear layers kept in float).
     """
     values = converted_values(model)
     counts = torch.unique(values, return_counts=True)[1]
     fixed_mask = torch.cat([p.fixed_mask.flatten() for p in bayesian_params(model)])
     fixed = int(fixed_mask.sum())
+    # A unique over millions of values costs a second on a CPU; all or none fixed needs none.
+    if fixed == values.numel():
+        unique_fixed = len(counts)
+    elif fixed == 0:
+        unique_fixed = 0
+    else:
+        unique_fixed = torch.unique(values[fixed_mask]).numel()
     report = conversion_report(model)
     return {
         "ws/unique_values": float(len(counts)),
-        "ws/unique_fixed_values": float(torch.unique(values[fixed_mask]).numel()),
+        "ws/unique_fixed_values": float(unique_fixed),
         "ws/entropy_bits": _entropy_bits_from_counts(counts),
         "ws/fixed_fraction": fixed / values.numel(),
         "ws/params_converted": float(report.num_converted),
         "ws/params_other": float(report.num_left),
+        "ws/params_excluded": float(report.num_excluded),
     }

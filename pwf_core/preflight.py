@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from pwf_core.bayes import check_patterns
 from pwf_core.config import ExperimentConfig
 from pwf_core.data import ImageDataset, load_dataset
 from pwf_core.errors import ConfigError
@@ -64,12 +65,23 @@ def check_model_runs(spec: ModelSpec, dataset: ImageDataset) -> None:
         )
 
 
+def check_selection(config: ExperimentConfig, spec: ModelSpec) -> None:
+    """Raise :class:`ConfigError` when ``compression.include``/``exclude`` names no layer."""
+    method = config.compression
+    if not method.include and not method.exclude:
+        return
+    try:
+        check_patterns(_built(spec), method.include, method.exclude)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def preflight(config: ExperimentConfig) -> ImageDataset:
     """Check everything an experiment needs before it starts; return the loaded dataset.
 
     Raises:
-        ConfigError: for a missing device, model kwargs the model refuses, or a model that
-            does not run on the dataset's inputs.
+        ConfigError: for a missing device, model kwargs the model refuses, a model that
+            does not run on the dataset's inputs, or layer patterns that name no layer.
         pwf_core.data.DatasetError: for dataset files that are missing or do not parse.
         pwf_core._files.CheckpointError: for a weights file that is unreadable or does not fit.
     """
@@ -77,6 +89,7 @@ def preflight(config: ExperimentConfig) -> ImageDataset:
     dataset = load_dataset(config.data)
     spec = model_spec(config, dataset)
     check_model_runs(spec, dataset)
+    check_selection(config, spec)
     if config.model.weights is not None:
         load_weights(_built(spec), config.model.weights)
     return dataset

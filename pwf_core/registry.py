@@ -17,11 +17,22 @@ from pydantic import BaseModel, ConfigDict
 
 
 class MethodConfig(BaseModel):
-    """Base of every method's config; subclasses declare ``method: Literal["<name>"]``."""
+    """Base of every method's config; subclasses declare ``method: Literal["<name>"]``.
+
+    Args:
+        method: The method's name.
+        include: Module-name patterns (fnmatch, e.g. ``layer*``) of the conv/linear layers to
+            compress; empty: all of them. A pattern also selects the modules inside the one it
+            names.
+        exclude: Patterns of layers to keep in float (e.g. ``[conv1, fc]``, a timm ResNet's
+            stem and classifier); they are counted apart (``ws/params_excluded``).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     method: str
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
 
     @classmethod
     def method_name(cls) -> str:

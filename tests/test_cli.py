@@ -168,6 +168,11 @@ BAD_INPUTS = [
         lambda t: [*RUN, "--set", f"model.weights={write_crafted_pt(t / 'evil.pt', t / 'pwned')}"],
         "refused",
     ),
+    (
+        "exclude-names-no-layer",
+        lambda t: [*RUN, "--set", "compression.exclude=[fcc]"],
+        "compression.exclude: 'fcc' matches no conv/linear layer",
+    ),
     ("model-kwargs-refused", lambda t: [*RUN, "--set", "model.kwargs={nope: 1}"], "model.kwargs"),
     ("device-cuda-absent", lambda t: [*RUN, "--set", "device=cuda"], "no CUDA device"),
     ("device-nonsense", lambda t: [*RUN, "--set", "device=gpu7"], "not a torch device"),

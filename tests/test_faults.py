@@ -110,7 +110,14 @@ def wait_while_running(condition, process: subprocess.Popen, what: str, timeout:
 
 # The compressed file's header holds the experiment's config, name included, so its byte count
 # differs between experiments of other names; every other final number must be equal.
-NAMED = ("size/file_bytes", "size/compression_ratio")
+NAMED = (
+    "size/file_bytes",
+    "size/compression_ratio",
+    "size/header_bytes",
+    "size/fixed_length_bytes",
+    "size/fixed_length_ratio",
+    "size/bound_ratio",
+)
 
 
 def summary_metrics(files: ExperimentFiles) -> dict:

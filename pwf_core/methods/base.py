@@ -34,7 +34,14 @@ import torch
 from torch import nn
 
 from pwf_core._seeding import derive_seed, seed_everything
-from pwf_core.bayes import ConversionReport, set_sampling, to_bayesian
+from pwf_core.bayes import (
+    ConversionReport,
+    ModuleFilter,
+    check_patterns,
+    module_filter,
+    set_sampling,
+    to_bayesian,
+)
 from pwf_core.distributed import broadcast_run_state
 from pwf_core.metrics import classification_metrics, predict_log_probs, weight_sharing_metrics
 from pwf_core.registry import MethodConfig
@@ -223,9 +230,26 @@ class Method(ABC):
     def name(self) -> str:
         return self.config.method
 
-    def convert(self, model: nn.Module) -> ConversionReport:
-        """Convert conv/linear layers to (mu, sigma) and initialise them (once per run)."""
-        report = to_bayesian(model, attrs=self.converted)
+    def module_filter(self, filter_fn: ModuleFilter | None = None) -> ModuleFilter | None:
+        """The layers this method's config (``include``/``exclude``) and ``filter_fn``
+        select for conversion (``None``: all of them)."""
+        return module_filter(self.config.include, self.config.exclude, filter_fn)
+
+    def convert(self, model: nn.Module, filter_fn: ModuleFilter | None = None) -> ConversionReport:
+        """Convert conv/linear layers to (mu, sigma) and initialise them (once per run).
+
+        Args:
+            model: The trained network.
+            filter_fn: ``filter_fn(module, name) -> bool``: only the layers it accepts (and
+                the config's ``include``/``exclude`` select) are converted.
+
+        Raises:
+            ValueError: when an ``include``/``exclude`` pattern names no layer of ``model``.
+        """
+        check_patterns(model, self.config.include, self.config.exclude)
+        report = to_bayesian(model, attrs=self.converted, filter_fn=self.module_filter(filter_fn))
+        if not report.converted:
+            raise ValueError("no conv/linear layer is left to compress (see filter_fn)")
         self.attach(model)
         self.initialise(model)
         return report

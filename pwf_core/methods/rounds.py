@@ -120,6 +120,12 @@ class FlatWeights:
         return int(self.fixed.sum())
 
 
+def _with_shared_counts(metrics: dict[str, float]) -> dict[str, float]:
+    """Add the values the fixed weights share (``ws/shared_values``) and the weights that
+    share none (``ws/outliers``: none, for a fixing method)."""
+    return metrics | {"ws/shared_values": metrics["ws/unique_fixed_values"], "ws/outliers": 0.0}
+
+
 class FixingMethod(Method):
     """A round-based method: train the free weights, fix up to the round's fraction, evaluate.
 
@@ -153,13 +159,11 @@ class FixingMethod(Method):
 
     @staticmethod
     def sharing_metrics(model: nn.Module) -> dict[str, float]:
-        """``ws/*`` of the network, with the counts every method reports alike: the values
-        the fixed weights share (``ws/shared_values``) and weights that share none (none)."""
-        metrics = weight_sharing_metrics(model)
-        return metrics | {"ws/shared_values": metrics["ws/unique_fixed_values"], "ws/outliers": 0.0}
+        """``ws/*`` of the network, with the counts every method reports alike."""
+        return _with_shared_counts(weight_sharing_metrics(model))
 
     def finalize(self, model: nn.Module, ctx: StepContext) -> dict[str, float]:
-        return super().finalize(model, ctx) | self.sharing_metrics(model)
+        return _with_shared_counts(super().finalize(model, ctx))
 
     def training_hooks(self, model: nn.Module) -> TrainingHooks | None:
         """What the method adds to the training between rounds (WFN: its regulariser)."""

@@ -234,9 +234,14 @@ def evaluate_task(
     }
     write_text_atomic(files.summary, json.dumps(summary, indent=2))
     get_run_logger().info(
-        "final: %s; %s, %.1fx smaller than float32",
+        "final: %s; %s: %s bytes entropy-coded (%s at fixed length; bound %s + header %s), "
+        "%.1fx smaller than float32",
         run.method.summary_line(metrics),
         export.path.name,
+        f"{export.file_bytes:,}",
+        f"{export.fixed_length_bytes:,}",
+        f"{export.entropy_bound_bytes:,}",
+        f"{export.header_bytes:,}",
         export.compression_ratio,
     )
     return summary
