@@ -1,5 +1,6 @@
-"""2DGBNN: hand-checkable Gaussian algebra, the shared-weight forward, merging, export, and
-the promise on digits (accuracy, parameter count, calibration)."""
+"""2DGBNN: hand-checkable Gaussian algebra, the shared-weight forward, merging, export, the
+promise on digits (accuracy, parameter count, calibration), and outliers that follow the
+weights' scale."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 from torch import nn
 from torch.distributions import MultivariateNormal, kl_divergence
 
-from pwf_core import Compression, load_compressed, save_compressed
+from pwf_core import Compression, compress, load_compressed, save_compressed
 from pwf_core.bayes import bayesian_params, sampling, to_bayesian
 from pwf_core.config import load_config
+from pwf_core.methods.gbnn2d.config import TwoDGBNNConfig
 from pwf_core.methods.gbnn2d.gaussians import (
     cholesky_from,
     covariance_of,
@@ -25,6 +28,7 @@ from pwf_core.methods.gbnn2d.gaussians import (
     w2_squared,
 )
 from pwf_core.methods.gbnn2d.merging import MergeRule, merge
+from pwf_core.methods.gbnn2d.method import magnitude_threshold
 from pwf_core.methods.gbnn2d.network import install, sharing_of
 from pwf_core.methods.gbnn2d.sharing import SharedGaussians
 from pwf_core.pretrain import build_experiment_model
@@ -252,3 +256,122 @@ def test_biases_stay_deterministic():
     assert set(report.converted) == {"fc1.weight", "fc2.weight"}
     assert {"fc1.bias", "fc2.bias", "norm.weight"} <= set(report.left)
     assert all(p.attr == "weight" for p in bayesian_params(model))
+
+
+# -- tau_w: auto ----------------------------------------------------------------------------
+
+
+def test_auto_tau_w_is_the_99_9th_percentile_of_the_magnitudes():
+    # |mu| = 0.001, 0.002, ..., 2.000 with alternating signs: round(0.001 * 2000) = 2 weights
+    # (2.000 and 1.999) are outliers, so the threshold is the second largest, 1.999.
+    mu = torch.arange(1, 2001, dtype=torch.float32) / 1000 * torch.tensor([1.0, -1.0]).repeat(1000)
+    threshold = magnitude_threshold(mu, "auto")
+    assert threshold == pytest.approx(1.999)
+    assert int((mu.abs() >= threshold).sum()) == 2
+    # Scaled 100x, the threshold scales with the weights and the share stays the same.
+    assert magnitude_threshold(100 * mu, "auto") == pytest.approx(199.9)
+    assert int((100 * mu.abs() >= magnitude_threshold(100 * mu, "auto")).sum()) == 2
+    # Under 500 weights: the largest alone; a number is an absolute threshold.
+    assert magnitude_threshold(torch.tensor([0.1, -0.7, 0.3]), "auto") == pytest.approx(0.7)
+    assert magnitude_threshold(mu, 0.2) == 0.2
+
+
+def test_tau_w_is_auto_by_default_and_a_positive_number_otherwise():
+    assert TwoDGBNNConfig().tau_w == "auto"
+    assert TwoDGBNNConfig(tau_w=0.2).tau_w == 0.2
+    assert TwoDGBNNConfig(tau_w=1).tau_w == 1.0
+    for bad in (0, -0.5, "big", math.inf):
+        with pytest.raises(ValidationError, match="positive finite number or 'auto'"):
+            TwoDGBNNConfig(tau_w=bad)
+
+
+class LargeWeightConv1d(nn.Module):
+    """A user's Conv1d network over the digits' 8 rows (8 channels of length 8), with batch
+    norm after every layer but the classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv1d(8, 32, 3, padding=1),
+            nn.BatchNorm1d(32),
+            nn.ReLU(),
+            nn.Conv1d(32, 64, 3, padding=1),
+            nn.BatchNorm1d(64),
+            nn.ReLU(),
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(512, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10)
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images.flatten(1, 2)))
+
+
+@pytest.fixture(scope="module")
+def large_weight_net(digits) -> tuple[dict[str, torch.Tensor], int]:
+    """A trained :class:`LargeWeightConv1d` whose weights are then scaled 10x in front of
+    its batch norms (the function is unchanged), so that most ``|w|`` exceed 0.2: its state
+    and number of conv/linear weights."""
+    torch.manual_seed(0)
+    net = LargeWeightConv1d()
+    optimiser = torch.optim.Adam(net.parameters(), 3e-3)
+    for epoch in range(6):
+        for images, labels in digits.loader("train", 64, shuffle=True, seed=epoch):
+            optimiser.zero_grad()
+            nn.functional.cross_entropy(net(images), labels).backward()
+            optimiser.step()
+    scale = 10.0
+    with torch.no_grad():
+        pairs = [(net.features[0], net.features[1]), (net.features[3], net.features[4])]
+        for layer, norm in [*pairs, (net.head[1], net.head[2])]:
+            layer.weight *= scale
+            layer.bias *= scale
+            norm.running_mean *= scale
+            norm.running_var *= scale**2
+    weights = torch.cat(
+        [m.weight.flatten() for m in net.modules() if isinstance(m, nn.Conv1d | nn.Linear)]
+    )
+    assert (weights.abs() > 0.2).float().mean() > 0.6  # most weights are "large"
+    return net.state_dict(), len(weights)
+
+
+def _compress_large_weight_net(digits, state, tau_w: float | str, epochs: int) -> dict:
+    net = LargeWeightConv1d()
+    net.load_state_dict(state)
+    knobs = {"bnn_epochs": epochs, "vi_epochs": epochs, "step_samples": 4, "eval_samples": 10}
+    frame = compress(
+        net,
+        digits.loader("train", 64, shuffle=True, seed=1),
+        {"method": "2dgbnn", "tau_w": tau_w, **knobs},
+        eval_loader=digits.loader("test", 512),
+        progress=False,
+    )
+    return frame.attrs["final"]
+
+
+@pytest.mark.slow
+def test_auto_tau_w_keeps_the_papers_outlier_share_on_a_large_weight_network(
+    digits, large_weight_net
+):
+    """The issue's promise: about 1 % outliers (asserted <= 3 %: magnitude, gradient and
+    small-cluster outliers together), >= 20x fewer trainable parameters than the mean-field
+    BNN, and a sampled NLL no worse than the mean-field BNN's (S = 10 averaged logits both)."""
+    state, num_weights = large_weight_net
+    final = _compress_large_weight_net(digits, state, "auto", epochs=2)
+    assert final["bnn/tau_w"] > 1.0  # "auto" followed the weights' scale, far above 0.2
+    assert final["ws/outliers"] <= 0.03 * num_weights
+    assert final["meanfield/size/trainable_params"] >= 20 * final["size/trainable_params"]
+    assert final["sampled/cls/nll"] <= final["meanfield/cls/nll"]
+
+
+@pytest.mark.slow
+def test_the_absolute_0_2_makes_most_of_a_large_weight_networks_weights_outliers(
+    digits, large_weight_net
+):
+    """What ``auto`` fixes: the paper's absolute threshold leaves little shared (one epoch a
+    stage is enough: the magnitude rule alone decides the share)."""
+    state, num_weights = large_weight_net
+    final = _compress_large_weight_net(digits, state, 0.2, epochs=1)
+    assert final["bnn/tau_w"] == 0.2
+    assert final["ws/outliers"] > 0.5 * num_weights
+    assert final["meanfield/size/trainable_params"] < 5 * final["size/trainable_params"]

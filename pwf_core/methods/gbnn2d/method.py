@@ -8,14 +8,14 @@ The plan, one step each:
    ``sigma_min`` (the sampling op already floors it at 2^-30). The last epoch accumulates each
    weight's gradient magnitude for the outlier rule.
 2. ``mixture``: every conv/linear weight entry is a point (mu, sigma). Outliers keep their own
-   Gaussian: ``|mu| >= tau_w``, the top ``grad_outlier_fraction`` by accumulated gradient
-   magnitude, and members of clusters with at most ``min_cluster_size`` points. The rest are
-   clustered by k-means (on the raw points: mu, ten times sigma's scale, decides most of it, so
-   a Gaussian's members have close means) into Gaussians with the members' mean and full
-   covariance, which are also the priors; members outside their Gaussian's 95 % ellipse are
-   blended. The ellipse is the fitted (prior) Gaussian's, which describes how the members
-   spread; the posterior's mu-variance, which VI shrinks to what the loss tolerates, would put
-   most members outside it.
+   Gaussian: ``|mu| >= tau_w`` (``auto``: the 99.9th percentile of ``|mu|``), the top
+   ``grad_outlier_fraction`` by accumulated gradient magnitude, and members of clusters with at
+   most ``min_cluster_size`` points. The rest are clustered by k-means (on the raw points: mu,
+   ten times sigma's scale, decides most of it, so a Gaussian's members have close means) into
+   Gaussians with the members' mean and full covariance, which are also the priors; members
+   outside their Gaussian's 95 % ellipse are blended. The ellipse is the fitted (prior)
+   Gaussian's, which describes how the members spread; the posterior's mu-variance, which VI
+   shrinks to what the loss tolerates, would put most members outside it.
 3. ``vi 1..E``: variational inference over the Gaussians' means and Cholesky factors and the
    outliers' (mu, sigma), with the post-init values as priors (closed-form KL). One 2-D sample
    per Gaussian per forward pass; every member takes its first coordinate. After every epoch but
@@ -51,7 +51,7 @@ from pwf_core.methods.base import (
     prefixed,
 )
 from pwf_core.methods.gbnn2d.blending import assign_blends
-from pwf_core.methods.gbnn2d.config import TwoDGBNNConfig
+from pwf_core.methods.gbnn2d.config import AUTO_TAU_W_SHARE, TwoDGBNNConfig
 from pwf_core.methods.gbnn2d.export import stored_bytes
 from pwf_core.methods.gbnn2d.gaussians import (
     fitted_gaussians,
@@ -78,6 +78,23 @@ GAUSSIANS = Column("ws/shared_values", "Gaussians", integer)
 OUTLIERS = Column("ws/outliers", "outliers", integer)
 
 
+def magnitude_threshold(mu: torch.Tensor, tau_w: float | str) -> float:
+    """The ``|mu|`` from which a weight is an outlier by magnitude.
+
+    Args:
+        mu: Every converted weight's mean (any shape).
+        tau_w: An absolute threshold, returned as it is, or ``auto``: the
+            ``round(AUTO_TAU_W_SHARE * N)``-th largest ``|mu|`` (at least the largest), so that
+            ``|mu| >= threshold`` holds for that many weights, ties aside, whatever the
+            weights' scale.
+    """
+    if tau_w != "auto":
+        return float(tau_w)
+    magnitude = mu.detach().abs().flatten().cpu()
+    top = max(1, round(AUTO_TAU_W_SHARE * len(magnitude)))
+    return float(torch.kthvalue(magnitude, len(magnitude) - top + 1).values)
+
+
 @register_method
 class TwoDGBNN(Method):
     """Mean-field BNN → shared 2-D Gaussians with outliers and blends → VI with merging."""
@@ -94,6 +111,7 @@ class TwoDGBNN(Method):
         self.prior_mu: torch.Tensor | None = None
         self.grad_magnitude: torch.Tensor | None = None
         self.meanfield: dict[str, float] = {}
+        self.tau_w: float | None = None  # the magnitude threshold used; None before the mixture
 
     # -- plan and state ---------------------------------------------------------------------
 
@@ -118,6 +136,8 @@ class TwoDGBNN(Method):
             state["prior_mu"] = self.prior_mu
         if self.grad_magnitude is not None:
             state["grad_magnitude"] = self.grad_magnitude
+        if self.tau_w is not None:  # float64: the metric shows the threshold that was used
+            state["tau_w"] = torch.tensor(self.tau_w, dtype=torch.float64)
         return state
 
     def state_bytes(self, num_converted: int) -> int:
@@ -128,6 +148,7 @@ class TwoDGBNN(Method):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.prior_mu = state.get("prior_mu")
         self.grad_magnitude = state.get("grad_magnitude")
+        self.tau_w = float(state["tau_w"]) if "tau_w" in state else None
         self.meanfield = {
             k.removeprefix("meanfield."): float(v) for k, v in state.items() if "meanfield." in k
         }
@@ -186,7 +207,7 @@ class TwoDGBNN(Method):
         samples = self.config.step_samples
         measured = time.perf_counter()
         metrics |= ctx.evaluate(model, mc_samples=samples, average="logits")
-        metrics |= self.structure_metrics(model)
+        metrics |= self.structure_metrics(model) | self.threshold_metrics()
         metrics["time/eval_s"] = time.perf_counter() - measured
         metrics["time/step_s"] = time.perf_counter() - start
         if step.stage == "bnn" and step.number == step.of:
@@ -217,7 +238,8 @@ class TwoDGBNN(Method):
         points = weight_points(model)
         device = points.device
         count = len(points)
-        outlier = points[:, 0].abs() >= cfg.tau_w
+        self.tau_w = magnitude_threshold(points[:, 0], cfg.tau_w)
+        outlier = points[:, 0].abs() >= self.tau_w
         if self.grad_magnitude is not None and cfg.grad_outlier_fraction > 0:
             top = max(1, math.ceil(cfg.grad_outlier_fraction * count))
             magnitude = self.grad_magnitude.to(device)
@@ -254,6 +276,10 @@ class TwoDGBNN(Method):
         return sharing
 
     # -- measurements -----------------------------------------------------------------------
+
+    def threshold_metrics(self) -> dict[str, float]:
+        """``bnn/tau_w``: the magnitude threshold the mixture used (what ``auto`` became)."""
+        return {} if self.tau_w is None else {"bnn/tau_w": self.tau_w}
 
     def structure_metrics(self, model: nn.Module) -> dict[str, float]:
         """Counts of Gaussians, outliers and blends; trainable parameters and stored bytes."""
@@ -305,7 +331,7 @@ class TwoDGBNN(Method):
         )
         metrics = {**headline, **prefixed("sampled", headline)}
         metrics |= prefixed("mean", ctx.evaluate(model))
-        metrics |= self.structure_metrics(model) | self.meanfield
+        metrics |= self.structure_metrics(model) | self.threshold_metrics() | self.meanfield
         plain = sum(p.numel() for p in model.parameters() if p.requires_grad)
         plain += sum(p.mu.numel() for p in bayesian_params(model))
         plain -= sharing_of(model).trainable_params()
