@@ -235,6 +235,9 @@ def test_export_and_load_give_identical_seeded_predictions(digits_run, digits, t
     with torch.no_grad():
         assert torch.equal(loaded.eval()(images), run.model.eval()(images))  # the means
     assert report.file_bytes < report.float32_bytes / 2
+    # The members' indices entropy-coded: within 5 % of their bound plus the header.
+    assert report.file_bytes <= 1.05 * (report.entropy_bound_bytes + report.header_bytes)
+    assert report.file_bytes < report.fixed_length_bytes
 
 
 def test_strip_keeps_the_mean_weights():

@@ -26,6 +26,14 @@ from pwf_core.methods.gbnn2d.gaussians import (
 )
 
 
+def _num_weights(tensors: dict[str, torch.Tensor], prefix: str) -> int:
+    """Weights the Gaussians cover: one member index each, stored as is (a checkpoint) or
+    entropy-coded with their counts (a compressed file)."""
+    if f"{prefix}member" in tensors:
+        return len(tensors[f"{prefix}member"])
+    return int(tensors[f"{prefix}member_counts"].sum())
+
+
 class SharedGaussians(nn.Module):
     """Shared 2-D Gaussians over (mu, sigma), outliers and blends for ``num_weights`` entries.
 
@@ -67,7 +75,7 @@ class SharedGaussians(nn.Module):
             num_gaussians=len(tensors[f"{prefix}means"]),
             num_outliers=len(tensors[f"{prefix}outlier_mu"]),
             num_blended=len(tensors[f"{prefix}blend_index"]),
-            num_weights=len(tensors[f"{prefix}member"]),
+            num_weights=_num_weights(tensors, prefix),
         )
 
     @property
