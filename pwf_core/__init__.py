@@ -9,6 +9,7 @@ The public API::
                                 eval_loader=test_loader)
     pwf_core.save_compressed(model, "model.safetensors")
     plain = pwf_core.load_compressed("model.safetensors", model=MyNet())
+    pwf_core.export_onnx(plain, "model.onnx", example_input)  # codebook + indices in ONNX
     pwf_core.strip(model)   # back to the original classes and state_dict keys
 
 Nothing here imports Prefect, MLflow or Optuna.
@@ -26,6 +27,7 @@ from pwf_core.methods import (
     UniformConfig,
     WFNConfig,
 )
+from pwf_core.onnx_export import export_onnx
 from pwf_core.registry import MethodConfig, method_names, register_method
 
 __version__ = "0.3.0"
@@ -43,6 +45,7 @@ __all__ = [
     "WFNConfig",
     "__version__",
     "compress",
+    "export_onnx",
     "load_compressed",
     "load_config",
     "method_names",

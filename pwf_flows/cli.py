@@ -3,7 +3,8 @@
 ``pwf run [CONFIG]`` runs the ``pwf-experiment`` flow (the shipped default config when CONFIG
 is omitted); ``pwf sweep SWEEP.yaml`` runs the ``pwf`` sweep flow with in-process trials, and
 ``--report`` prints its trials and Pareto front. Without ``PREFECT_API_URL`` a temporary Prefect
-server runs for the length of the command.
+server runs for the length of the command. ``pwf report`` compares finished runs; ``pwf export
+FILE`` writes a compressed model as ONNX and checks it in ONNX Runtime.
 
 Everything that can be checked is checked before Prefect starts, before an MLflow run exists
 and before the artifacts folder is written: the config or sweep file, the dataset files, the
@@ -149,6 +150,13 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--one-panel", action="store_true", help="all runs in one panel (one dataset only)"
     )
+    export = commands.add_parser(
+        "export", help="write a compressed model as ONNX (codebook + indices) and check it"
+    )
+    export.add_argument(
+        "file", type=Path, help="a compressed model, e.g. a run's final/model.pwf.safetensors"
+    )
+    export.add_argument("--out", type=Path, help="the ONNX file (default: FILE with .onnx)")
     return parser
 
 
@@ -329,6 +337,72 @@ def report_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# Input sides of the datasets whose images have one size, for a file whose architecture
+# records none (pwf's runs record the dataset's; a spec written by hand may leave it out).
+_NATIVE_SIDES = {"digits": 8, "mnist": 28, "cifar10": 32}
+_EXAMPLE_BATCH = 8
+
+
+def _input_side(img_size: int | None, config: dict, path: Path) -> int:
+    if img_size is not None:
+        return img_size
+    data = config.get("data") or {}
+    name = data.get("name", "digits")
+    side = data.get("img_size", 224) if name == "imagefolder" else _NATIVE_SIDES.get(name)
+    if side is None:
+        raise CheckpointError(
+            f"'{path}' records no input size; export it from Python with "
+            "pwf_core.export_onnx(model, path, example_input)"
+        )
+    return int(side)
+
+
+def export_command(args: argparse.Namespace) -> int:
+    """``pwf export``: a compressed model as ONNX, run in ONNX Runtime against pwf's logits.
+
+    A file that is not a finished compressed model of a registered or timm architecture (a
+    step checkpoint, a truncated or corrupted file, one saved from the user's own class) ends
+    in one line and exit 2 before anything is written.
+    """
+    import torch
+
+    from pwf_core.export import load_compressed, read_header
+    from pwf_core.models import ModelSpec
+    from pwf_core.onnx_export import check_onnx, export_onnx
+
+    out = args.out or args.file.with_suffix(".onnx")
+    if out.is_dir():
+        raise CheckpointError(f"--out: '{out}' is a folder; name the .onnx file to write")
+    header = read_header(args.file)
+    if header.get("model") is None:
+        raise CheckpointError(
+            f"'{args.file}' was saved from your own class {header.get('model_class')}, which "
+            "pwf cannot rebuild: in Python, load it with pwf_core.load_compressed(path, "
+            "model=MyNet()) and write it with pwf_core.export_onnx(model, path, example_input)"
+        )
+    try:
+        spec = ModelSpec(**header["model"])
+        model = load_compressed(args.file)
+        side = _input_side(spec.img_size, header.get("config") or {}, args.file)
+        example = torch.rand(
+            _EXAMPLE_BATCH, spec.in_chans, side, side, generator=torch.Generator().manual_seed(0)
+        )
+        result = export_onnx(model, out, example)
+    except (ValueError, TypeError, KeyError) as err:
+        # a header that parses but describes no model this pwf can load and run (including
+        # NotCompressedError: free weights), said as one line rather than a traceback
+        problem = f"it has no {err.args[0]!r}" if isinstance(err, KeyError) else str(err)
+        raise CheckpointError(f"'{args.file}' cannot be exported: {one_line(problem)}") from None
+    difference = check_onnx(result.path, model, example)
+    print(
+        f"pwf export: {result.path}: {result.file_bytes:,} bytes (float ONNX "
+        f"{result.float_bytes:,} bytes, {result.ratio:.1f}x smaller); "
+        f"{len(result.shared_tensors)} shared tensors on {result.codebook_size} values "
+        f"({result.index_dtype} indices); max |logit difference| vs pwf {difference:.2g}"
+    )
+    return 0
+
+
 def slug(names: list[str]) -> str:
     """A folder name for what a report covers."""
     text = "-".join(names)[:60] or "report"
@@ -404,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_command(args, argv)
         if args.command == "report":
             return report_command(args)
+        if args.command == "export":
+            return export_command(args)
         return sweep_command(args)
     except Terminated:
         _quiet_prefect()
