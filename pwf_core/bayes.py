@@ -46,7 +46,12 @@ def fill_standard_normal_(eps: torch.Tensor) -> torch.Tensor:
     threads. CUDA and small tensors use ``normal_`` directly.
     """
     global _noise_pool
-    if eps.device.type != "cpu" or eps.numel() < 2 * _NOISE_CHUNK or torch.get_num_threads() < 2:
+    if (
+        torch.compiler.is_compiling()  # a compiled graph draws with the device's own kernel
+        or eps.device.type != "cpu"
+        or eps.numel() < 2 * _NOISE_CHUNK
+        or torch.get_num_threads() < 2
+    ):
         return eps.normal_()
     if _noise_pool is None:
         _noise_pool = ThreadPoolExecutor(
@@ -90,27 +95,26 @@ class _SampleWeight(torch.autograd.Function):
     """``w = mu + max(sigma, 2^-30) * eps`` whose sigma gradient carries the regulariser.
 
     One function instead of separate ops and a post-backward pass keeps the Bayesian step
-    within a few elementwise passes of the deterministic one.
+    within a few elementwise passes of the deterministic one. Nothing in it reads a value
+    back to the host, so a training step never waits for the device and compiles whole.
     """
 
     @staticmethod
     def forward(ctx, mu, sigma, eps, scratch, reg: float, cap: float):  # type: ignore[override]
-        ctx.save_for_backward(sigma, eps)
-        ctx.scratch, ctx.reg, ctx.cap = scratch, reg, cap
-        # Sigmas below the floor are rare; a min-reduction is cheaper than always clamping.
-        ctx.clamped = bool(sigma.detach().amin() < SIGMA_FLOOR)
-        scale = sigma.clamp_min(SIGMA_FLOOR) if ctx.clamped else sigma
-        return torch.addcmul(mu, scale, eps)
+        ctx.save_for_backward(sigma, eps, scratch)
+        ctx.reg, ctx.cap = reg, cap
+        # Always clamping costs one elementwise pass; deciding whether to clamp would cost a
+        # device-to-host sync per layer and step.
+        return torch.addcmul(mu, sigma.clamp_min(SIGMA_FLOOR), eps)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        sigma, eps = ctx.saved_tensors
+        sigma, eps, scratch = ctx.saved_tensors
         grad_sigma = None
         if ctx.needs_input_grad[1]:
-            grad_sigma = grad * eps
-            if ctx.clamped:
-                grad_sigma.masked_fill_(sigma < SIGMA_FLOOR, 0.0)
-            add_sigma_regulariser_(grad_sigma, sigma, eps, ctx.reg, ctx.cap, ctx.scratch)
+            # Below the floor the sample does not depend on sigma (the clamp's gradient).
+            grad_sigma = torch.mul(grad, eps).masked_fill_(sigma < SIGMA_FLOOR, 0.0)
+            add_sigma_regulariser_(grad_sigma, sigma, eps, ctx.reg, ctx.cap, scratch)
         return grad, grad_sigma, None, None, None, None
 
 

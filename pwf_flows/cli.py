@@ -237,6 +237,8 @@ def _run(config, artifacts: str, args: argparse.Namespace) -> int:
                 fresh=args.fresh,
                 source=f"pwf run {args.config}",
             )
+    from pwf_flows.experiment.summary import size_line
+
     metrics = result["metrics"]
     verb = "was already complete (nothing changed; --fresh to run again)"
     if not result["already_complete"]:
@@ -245,6 +247,7 @@ def _run(config, artifacts: str, args: argparse.Namespace) -> int:
     knob = method.size_knob
     print(
         f"\npwf run {verb}\n  {method.summary_line(metrics)}\n"
+        f"  model file: {size_line(metrics)}\n"
         + (f"  fewer or more values: turn {knob}\n" if knob else "")
         + f"  artifacts:  {result['artifacts']}\n"
         f"  MLflow run: {result['run_id']} in experiment '{result['experiment']}' "
