@@ -56,6 +56,7 @@ ARTIFACT_FOLDERS = {
     ".json": "tables",
     ".png": "plots",
     ".safetensors": "model",
+    ".onnx": "model",
 }
 
 

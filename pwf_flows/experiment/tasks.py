@@ -6,6 +6,7 @@ the results) that the next one, in this process or another, starts from.
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 from functools import lru_cache
@@ -25,6 +26,7 @@ from pwf_core.export import save_compressed
 from pwf_core.methods import Step, StepRecord
 from pwf_core.methods.base import history
 from pwf_core.metrics import reliability_bins
+from pwf_core.onnx_export import check_onnx, export_onnx
 from pwf_core.pretrain import build_experiment_model, model_spec, pretrain
 from pwf_flows.artifacts import ExperimentFiles, pretrain_key
 from pwf_flows.distributed import lead, share_state
@@ -179,6 +181,24 @@ def _tables(records: list[StepRecord]) -> tuple[pd.DataFrame, pd.DataFrame]:
     return history(records), pd.DataFrame(detail)
 
 
+def _onnx(run: Compression, path: Path) -> dict[str, float]:
+    """Write the compressed model as ONNX (codebook + indices) and check it in ONNX Runtime
+    on a test batch: ``size/onnx_bytes``, ``size/onnx_float_bytes`` and
+    ``export/onnx_max_logit_diff``. A model the exporter cannot take costs the run nothing
+    but a warning (the compressed file is what the run promises)."""
+    batch = next(iter(run.context.eval_loader))[0][:64].cpu()
+    try:
+        written = export_onnx(run.model, path, batch)
+        difference = check_onnx(written.path, run.model, batch)
+    except Exception as err:  # an architecture torch.onnx cannot trace, a runtime missing
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise  # a full disk ends the run as every other write's does (a rerun resumes)
+        get_run_logger().warning("no ONNX export: %s: %s", type(err).__name__, err)
+        path.unlink(missing_ok=True)
+        return {}
+    return written.as_metrics() | {"export/onnx_max_logit_diff": difference}
+
+
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(
     config: dict[str, Any],
@@ -206,6 +226,10 @@ def evaluate_task(
         "detail": files.final / "detail.parquet",
         "model": export.path,
     }
+    onnx_metrics = _onnx(run, files.final / "model.onnx")
+    if onnx_metrics:
+        metrics |= onnx_metrics
+        outputs["onnx"] = files.final / "model.onnx"
     for name, frame in (("steps", steps), ("detail", detail)):
         with atomic_path(outputs[name]) as tmp:
             frame.to_parquet(tmp, index=False)
@@ -244,4 +268,11 @@ def evaluate_task(
         f"{export.header_bytes:,}",
         export.compression_ratio,
     )
+    if "onnx" in outputs:
+        get_run_logger().info(
+            "model.onnx: %s bytes (float ONNX %s), largest logit difference in ONNX Runtime %.1e",
+            f"{int(metrics['size/onnx_bytes']):,}",
+            f"{int(metrics['size/onnx_float_bytes']):,}",
+            metrics["export/onnx_max_logit_diff"],
+        )
     return summary
