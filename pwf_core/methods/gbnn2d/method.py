@@ -165,7 +165,13 @@ class TwoDGBNN(Method):
     ):
         sigma_lr = self.config.bnn_sigma_lr if step.stage == "bnn" else lr
         optim = OptimConfig(
-            optimizer="adamw", lr=lr, sigma_lr=sigma_lr, weight_decay=0.0, grad_clip=None
+            optimizer="adamw",
+            lr=lr,
+            sigma_lr=sigma_lr,
+            weight_decay=0.0,
+            grad_clip=None,
+            compile=ctx.train.compile,
+            channels_last=ctx.train.channels_last,
         )
         return train(
             model,

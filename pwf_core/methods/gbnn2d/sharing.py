@@ -151,7 +151,11 @@ class SharedGaussians(nn.Module):
     @torch.no_grad()
     def member_counts(self) -> torch.Tensor:
         """Members per Gaussian (outliers excluded)."""
-        return torch.bincount(self.member[self.member >= 0], minlength=self.num_gaussians)
+        # A fixed-size sum, not bincount over the inliers: neither depends on the data's values
+        # for its shape, so the count never waits for the device.
+        inlier = self.member >= 0
+        counts = torch.zeros(self.num_gaussians, dtype=torch.long, device=self.member.device)
+        return counts.index_add_(0, self.member.clamp_min(0), inlier.long())
 
     @torch.no_grad()
     def record_gradient(self) -> None:

@@ -57,7 +57,9 @@ class MeanFieldHooks(TrainingHooks):
 
     def extra_loss(self, model: nn.Module, task_loss: torch.Tensor) -> torch.Tensor | None:
         params = bayesian_params(model)
-        priors = self.prior_mu.to(params[0].mu.device).split([p.mu.numel() for p in params])
+        if self.prior_mu.device != params[0].mu.device:  # moved once, not copied every step
+            self.prior_mu = self.prior_mu.to(params[0].mu.device)
+        priors = self.prior_mu.split([p.mu.numel() for p in params])
         kl = sum(
             kl_normal(
                 p.mu,
