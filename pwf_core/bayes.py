@@ -71,8 +71,8 @@ def add_sigma_regulariser_(
     grad_sigma: torch.Tensor,
     sigma: torch.Tensor,
     eps: torch.Tensor,
-    reg: float,
-    cap: float = SIGMA_CAP,
+    reg: float | torch.Tensor,
+    cap: float | torch.Tensor = SIGMA_CAP,
     scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The paper's sigma-gradient edit, in place: ``grad_sigma -= reg * relu(cap - sigma) * |eps|``.
@@ -83,7 +83,11 @@ def add_sigma_regulariser_(
     Args:
         scratch: Optional tensor shaped like ``sigma`` to compute in (spares an allocation).
     """
-    if reg:
+    if isinstance(reg, torch.Tensor):
+        # A compiled graph's strengths are 0-dim tensors (graph inputs); Inductor fuses this.
+        pull = torch.sub(sigma, cap).neg_().clamp_min_(0.0).mul_(eps).abs_()
+        grad_sigma.sub_(pull.mul_(reg))
+    elif reg:
         pull = scratch if scratch is not None else torch.empty_like(sigma)
         # relu(cap - sigma) >= 0, so |relu(cap - sigma) * eps| is the whole term.
         torch.sub(sigma, cap, out=pull).neg_().clamp_min_(0.0).mul_(eps).abs_()
@@ -100,7 +104,7 @@ class _SampleWeight(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, mu, sigma, eps, scratch, reg: float, cap: float):  # type: ignore[override]
+    def forward(ctx, mu, sigma, eps, scratch, reg, cap):  # type: ignore[override]
         ctx.save_for_backward(sigma, eps, scratch)
         ctx.reg, ctx.cap = reg, cap
         # Always clamping costs one elementwise pass; deciding whether to clamp would cost a
@@ -143,11 +147,21 @@ def _draw_samples(module: nn.Module, args: tuple) -> None:
     forced = module.__dict__["_pwf_sampling"]
     if not (module.training if forced is None else forced):
         return
-    reg, cap = module.__dict__["_pwf_regulariser"]
     noise = module.__dict__["_pwf_noise"]
     for name in module.__dict__["_pwf_names"]:
         mu = module._parameters[name]
         sigma = module._parameters[f"{name}_sigma"]
+        if torch.compiler.is_compiling():
+            # Inside a graph the compiler plans the memory; filling the cache would make the
+            # first call's graph guard on an empty cache and compile the model a second time.
+            # Tensor strengths are graph inputs: a sweep over ``reg`` reuses one graph.
+            strengths = module.__dict__.get("_pwf_regulariser_inputs")
+            eps = torch.randn_like(mu, memory_format=torch.contiguous_format)
+            samples[name] = _SampleWeight.apply(
+                mu, sigma, eps, torch.empty_like(eps), *(strengths or (0.0, SIGMA_CAP))
+            )
+            continue
+        regulariser = module.__dict__["_pwf_regulariser"]
         buffers = noise.get(name)
         layout = (mu.shape, mu.device, mu.dtype)
         if buffers is None or (buffers[0].shape, buffers[0].device, buffers[0].dtype) != layout:
@@ -159,7 +173,7 @@ def _draw_samples(module: nn.Module, args: tuple) -> None:
         # sampling forward before the first one's backward.
         eps, scratch = buffers
         fill_standard_normal_(eps)
-        samples[name] = _SampleWeight.apply(mu, sigma, eps, scratch, reg, cap)
+        samples[name] = _SampleWeight.apply(mu, sigma, eps, scratch, *regulariser)
 
 
 def _drop_samples(module: nn.Module, args: tuple, output: object) -> None:
@@ -332,6 +346,7 @@ def to_bayesian(
             _pwf_noise={},
             _pwf_sampling=None,
             _pwf_regulariser=(0.0, SIGMA_CAP),
+            _pwf_regulariser_inputs=None,
         )
         module.__class__ = _bayesian_class(type(module))
         module.__dict__["_pwf_hooks"] = (
@@ -421,6 +436,25 @@ def set_sigma_regulariser(model: nn.Module, reg: float, cap: float = SIGMA_CAP) 
     for module in model.modules():
         if is_bayesian(module):
             module.__dict__["_pwf_regulariser"] = (float(reg), float(cap))
+    regulariser_inputs_(model)
+
+
+def regulariser_inputs_(model: nn.Module) -> None:
+    """Give every converted layer its regulariser strengths as 0-dim tensors on its device.
+
+    A compiled graph takes them as inputs, where Python floats would be baked in as
+    constants: without them every new ``reg`` (one per sweep trial) compiles the model again,
+    and the ninth fails on the compiler's recompile limit. Call it after moving the model.
+    """
+    for module in model.modules():
+        if is_bayesian(module):
+            reg, cap = module.__dict__["_pwf_regulariser"]
+            device = next(iter(module._parameters.values())).device
+            module.__dict__["_pwf_regulariser_inputs"] = (
+                (torch.tensor(reg, device=device), torch.tensor(cap, device=device))
+                if reg
+                else None  # off: the graph leaves the regulariser out
+            )
 
 
 def _samplers(model: nn.Module) -> list[nn.Module]:

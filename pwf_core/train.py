@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
 
-from pwf_core.bayes import sigma_parameters
+from pwf_core.bayes import regulariser_inputs_, sigma_parameters
 from pwf_core.distributed import world_size, wrap
 from pwf_core.types import NonNegativeFloat, PositiveFloat, PositiveInt, Section
 
@@ -226,6 +226,7 @@ def compiled(network: nn.Module) -> nn.Module:
     generated one is several times slower on a CPU); a seeded compiled run reproduces itself,
     but draws other noise than an eager run.
     """
+    regulariser_inputs_(network)
     return torch.compile(network, fullgraph=world_size() == 1, options={"fallback_random": True})
 
 
