@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 SIGMA_FLOOR = 2.0**-30
+_BELOW_FLOOR = float(torch.nextafter(torch.tensor(SIGMA_FLOOR), torch.tensor(0.0)))
 SIGMA_CAP = 0.05
 CONVERTIBLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _SAMPLED = ("weight", "bias")
@@ -47,7 +48,7 @@ def fill_standard_normal_(eps: torch.Tensor) -> torch.Tensor:
     """
     global _noise_pool
     if (
-        torch.compiler.is_compiling()  # a compiled graph draws with the device's own kernel
+        torch.compiler.is_compiling()
         or eps.device.type != "cpu"
         or eps.numel() < 2 * _NOISE_CHUNK
         or torch.get_num_threads() < 2
@@ -65,6 +66,13 @@ def fill_standard_normal_(eps: torch.Tensor) -> torch.Tensor:
 
     list(_noise_pool.map(fill, range(len(chunks))))
     return eps
+
+
+@torch.library.custom_op("pwf::fill_standard_normal_", mutates_args=("eps",))
+def _fill_standard_normal_op(eps: torch.Tensor) -> None:
+    """:func:`fill_standard_normal_` as an operator a compiled graph calls (a Python thread
+    pool cannot be traced; the compiler's own CPU normal is single-threaded)."""
+    fill_standard_normal_(eps)
 
 
 def add_sigma_regulariser_(
@@ -90,7 +98,9 @@ def add_sigma_regulariser_(
     elif reg:
         pull = scratch if scratch is not None else torch.empty_like(sigma)
         # relu(cap - sigma) >= 0, so |relu(cap - sigma) * eps| is the whole term.
-        torch.sub(sigma, cap, out=pull).neg_().clamp_min_(0.0).mul_(eps).abs_()
+        # |min(sigma - cap, 0) * eps| = relu(cap - sigma) * |eps|, one pass fewer than the
+        # literal form.
+        torch.sub(sigma, cap, out=pull).clamp_max_(0.0).mul_(eps).abs_()
         grad_sigma.add_(pull, alpha=-reg)
     return grad_sigma
 
@@ -108,16 +118,24 @@ class _SampleWeight(torch.autograd.Function):
         ctx.save_for_backward(sigma, eps, scratch)
         ctx.reg, ctx.cap = reg, cap
         # Always clamping costs one elementwise pass; deciding whether to clamp would cost a
-        # device-to-host sync per layer and step.
-        return torch.addcmul(mu, sigma.clamp_min(SIGMA_FLOOR), eps)
+        # device-to-host sync per layer and step. Eager clamps into the scratch tensor: a
+        # fresh 11 M-element tensor per step costs more in page faults than the clamp itself.
+        if torch.compiler.is_compiling():
+            return torch.addcmul(mu, sigma.clamp_min(SIGMA_FLOOR), eps)
+        return torch.addcmul(mu, torch.clamp_min(sigma, SIGMA_FLOOR, out=scratch), eps)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         sigma, eps, scratch = ctx.saved_tensors
         grad_sigma = None
         if ctx.needs_input_grad[1]:
-            # Below the floor the sample does not depend on sigma (the clamp's gradient).
-            grad_sigma = torch.mul(grad, eps).masked_fill_(sigma < SIGMA_FLOOR, 0.0)
+            # Below the floor the sample does not depend on sigma (the clamp's gradient): one
+            # in-place pass keeps grad where sigma > the float below the floor, i.e. sigma >=
+            # floor, without a boolean mask tensor.
+            grad_sigma = torch.mul(grad, eps)
+            torch.ops.aten.threshold_backward.grad_input(
+                grad_sigma, sigma, _BELOW_FLOOR, grad_input=grad_sigma
+            )
             add_sigma_regulariser_(grad_sigma, sigma, eps, ctx.reg, ctx.cap, scratch)
         return grad, grad_sigma, None, None, None, None
 
@@ -156,7 +174,11 @@ def _draw_samples(module: nn.Module, args: tuple) -> None:
             # first call's graph guard on an empty cache and compile the model a second time.
             # Tensor strengths are graph inputs: a sweep over ``reg`` reuses one graph.
             strengths = module.__dict__.get("_pwf_regulariser_inputs")
-            eps = torch.randn_like(mu, memory_format=torch.contiguous_format)
+            eps = torch.empty_like(mu, memory_format=torch.contiguous_format)
+            if eps.device.type == "cpu":
+                torch.ops.pwf.fill_standard_normal_(eps)
+            else:
+                eps.normal_()  # on a GPU, fused into the sample by the compiler
             samples[name] = _SampleWeight.apply(
                 mu, sigma, eps, torch.empty_like(eps), *(strengths or (0.0, SIGMA_CAP))
             )

@@ -10,6 +10,8 @@ model after every step. Backends: NCCL on GPUs, Gloo on CPUs.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -78,16 +80,26 @@ def broadcast_run_state(model: nn.Module, method) -> None:
     message = [layout]
     dist.broadcast_object_list(message, src=0)
     layout = message[0]
-    device = next(model.parameters()).device
+    transport = _transport_device(next(model.parameters()).device)
     received = {}
+    # One flat buffer and one collective per dtype on the wire (bools travel as bytes),
+    # instead of one collective per tensor: a ResNet's state is hundreds of small tensors.
+    by_wire: dict[torch.dtype, list[tuple[str, tuple[int, ...], torch.dtype]]] = {}
     for name, shape, dtype in layout:
-        wire = torch.uint8 if dtype == torch.bool else dtype
+        by_wire.setdefault(torch.uint8 if dtype == torch.bool else dtype, []).append(
+            (name, shape, dtype)
+        )
+    for wire, entries in by_wire.items():
+        sizes = [math.prod(shape) for _, shape, _ in entries]
         if is_main():
-            buffer = tensors[name].detach().to(_transport_device(device), wire).contiguous()
+            flat = torch.cat(
+                [tensors[name].detach().reshape(-1).to(transport, wire) for name, _, _ in entries]
+            )
         else:
-            buffer = torch.empty(shape, dtype=wire, device=_transport_device(device))
-        dist.broadcast(buffer, src=0)
-        received[name] = buffer.to(dtype)
+            flat = torch.empty(sum(sizes), dtype=wire, device=transport)
+        dist.broadcast(flat, src=0)
+        for (name, shape, dtype), part in zip(entries, flat.split(sizes), strict=True):
+            received[name] = part.view(shape).to(dtype, copy=True)  # not views of `flat`
     if is_main():
         return
     model_state = {k: v for k, v in received.items() if not k.startswith(_METHOD_PREFIX)}

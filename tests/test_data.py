@@ -70,3 +70,36 @@ def test_image_folder(tmp_path: Path):
     assert images.shape == (4, 3, 8, 8)
     with pytest.raises(DatasetError, match="no 'train/' subfolder"):
         load_dataset(DataConfig(name="imagefolder", path=root / "train"))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_image_folder_batches_are_torchvisions_normalised_images(tmp_path: Path, workers: int):
+    """uint8 from the workers, normalised in one pass: the same tensors as ToTensor+Normalize."""
+    from torchvision import datasets, transforms
+
+    from pwf_core.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, read_image
+
+    root = write_image_folder(tmp_path / "imgs", per_class=5)
+    config = DataConfig(name="imagefolder", path=root, img_size=8, num_workers=workers)
+    loader = load_dataset(config).loader("test", 4).to("cpu")
+    reference = datasets.ImageFolder(
+        str(root / "val"),
+        transforms.Compose(
+            [
+                transforms.Resize(int(8 * 256 / 224)),
+                transforms.CenterCrop(8),
+                transforms.ToTensor(),
+                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        ),
+        loader=read_image,
+    )
+    images = torch.cat([batch for batch, _ in loader])
+    labels = torch.cat([label for _, label in loader])
+    expected = torch.stack([reference[i][0] for i in range(len(reference))])
+    assert images.dtype == torch.float32 and images.shape == expected.shape
+    assert torch.allclose(images, expected, atol=1e-5)
+    assert labels.tolist() == [reference[i][1] for i in range(len(reference))]
+    assert loader.loader.pin_memory is False  # pinned only for a CUDA device
+    assert (loader.loader.prefetch_factor == 4) == (workers > 0)
+    assert loader.loader.persistent_workers == (workers > 0)

@@ -45,21 +45,19 @@ def load_imagefolder_dataset(folder: Path, img_size: int, val_fraction: float, w
     for split in ("train", "val"):
         if not (folder / split).is_dir():
             raise DatasetError(f"image folder '{folder}' has no '{split}/' subfolder")
-    normalise = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    # uint8 out of the workers; the loader normalises on the device (FolderLoader).
     train_tf = transforms.Compose(
         [
             transforms.RandomResizedCrop(img_size),
             transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            normalise,
+            transforms.PILToTensor(),
         ]
     )
     eval_tf = transforms.Compose(
         [
             transforms.Resize(int(img_size * 256 / 224)),
             transforms.CenterCrop(img_size),
-            transforms.ToTensor(),
-            normalise,
+            transforms.PILToTensor(),
         ]
     )
     try:
@@ -82,4 +80,6 @@ def load_imagefolder_dataset(folder: Path, img_size: int, val_fraction: float, w
         val=Subset(val_full, val_idx.tolist()) if len(val_idx) else None,
         test=test,
         num_workers=workers,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
     )

@@ -24,7 +24,11 @@ class TensorSplit:
 
 @dataclass
 class ImageDataset:
-    """Train/val/test splits of one dataset, with what a model needs to know about it."""
+    """Train/val/test splits of one dataset, with what a model needs to know about it.
+
+    ``mean``/``std`` normalise the ``uint8`` images of file-backed splits on the device (the
+    in-memory splits are stored normalised).
+    """
 
     name: str
     num_classes: int
@@ -34,6 +38,8 @@ class ImageDataset:
     val: TensorSplit | Dataset | None
     test: TensorSplit | Dataset
     num_workers: int = 0
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
 
     def loader(self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0) -> Loader:
         """A loader over ``split`` (``train``, ``val`` or ``test``); augmentation on train only.
@@ -50,7 +56,9 @@ class ImageDataset:
             return TensorLoader(
                 source.images, source.labels, batch_size, shuffle, seed, augment, shard
             )
-        return FolderLoader(source, batch_size, shuffle, seed, self.num_workers, shard)
+        return FolderLoader(
+            source, batch_size, shuffle, seed, self.num_workers, shard, self.mean, self.std
+        )
 
 
 def split_indices(n: int, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
