@@ -35,6 +35,8 @@ class OptimConfig(Section):
             seconds on a GPU, up to a minute for a ResNet on a CPU). Evaluation stays eager.
         channels_last: Train in the channels-last memory format (faster convolutions on
             tensor-core GPUs; 4-D weights and inputs only).
+        amp: On CUDA, run forward and loss under bf16 autocast (weights, sigmas and the
+            optimiser stay float32); no effect on the CPU.
     """
 
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -46,6 +48,7 @@ class OptimConfig(Section):
     batch_size: PositiveInt = 64
     compile: bool = False
     channels_last: bool = False
+    amp: bool = True
 
 
 class PretrainConfig(OptimConfig):
@@ -252,7 +255,7 @@ def train(
             with ``epoch_offset + epoch`` so shuffling is reproducible.
         optim: Optimiser, learning rate, momentum, weight decay, grad clip.
         epochs: Epochs to run; ``0.05`` runs 5 % of one epoch's batches.
-        device: Where batches go; CUDA turns on bf16 autocast.
+        device: Where batches go; on CUDA, bf16 autocast unless ``optim.amp`` is off.
         fixed_masks: Boolean mask per parameter of entries that must not change.
         hooks: Method-specific loss term and post-step edits.
         cosine: Cosine-anneal the learning rate to zero over the run.
@@ -275,6 +278,7 @@ def train(
     totals = _Totals(device)
     start = time.perf_counter()
     memory_format = torch.channels_last if optim.channels_last else torch.preserve_format
+    amp = device.type == "cuda" and optim.amp
     if optim.channels_last:
         model.to(memory_format=torch.channels_last)  # 4-D tensors only; the rest stay as they are
     model.train()
@@ -298,7 +302,7 @@ def train(
             if images.dim() == 4:
                 images = images.contiguous(memory_format=memory_format)
             labels = labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
                 logits = network(images)
                 loss = nn.functional.cross_entropy(logits.float(), labels)
                 extra = hooks.extra_loss(model, loss)

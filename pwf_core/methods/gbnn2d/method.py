@@ -172,6 +172,7 @@ class TwoDGBNN(Method):
             grad_clip=None,
             compile=ctx.train.compile,
             channels_last=ctx.train.channels_last,
+            amp=ctx.train.amp,
         )
         return train(
             model,
