@@ -114,8 +114,10 @@ def test_flow_logs_every_step_links_and_artifacts(prefect_server, mlflow_store, 
         "tables/steps.parquet",
         "tables/detail.parquet",
         "plots/acc_vs_unique_values.png",
+        "tables/reliability.json",  # the bins pwf report draws
         "plots/reliability.png",
         "model/model.pwf.safetensors",
+        "model/model.onnx",
     }
     assert "config.yaml" in {a.path for a in client.list_artifacts(run_id)}
     assert result["metrics"]["ws/unique_values"] <= 64
