@@ -178,7 +178,7 @@ def _draw_samples(module: nn.Module, args: tuple) -> None:
             if eps.device.type == "cpu":
                 torch.ops.pwf.fill_standard_normal_(eps)
             else:
-                eps.normal_()  # on a GPU, fused into the sample by the compiler
+                eps.normal_()  # on a GPU, generated inside the fused sample kernel
             samples[name] = _SampleWeight.apply(
                 mu, sigma, eps, torch.empty_like(eps), *(strengths or (0.0, SIGMA_CAP))
             )

@@ -224,13 +224,15 @@ def compiled(network: nn.Module) -> nn.Module:
 
     ``fullgraph=True`` on one process: a converted model compiles whole (a graph break would
     be a regression, not a slowdown to live with). Under ``torchrun``, DDP's optimiser splits
-    the graph at its gradient buckets, which ``fullgraph`` forbids. ``fallback_random`` lets
-    the compiled graph draw its weight noise with the device's own generator (Inductor's
-    generated one is several times slower on a CPU); a seeded compiled run reproduces itself,
-    but draws other noise than an eager run.
+    the graph at its gradient buckets, which ``fullgraph`` forbids. On a CPU the weight noise
+    comes from pwf's threaded fill (an operator the graph calls) and every other random op
+    from torch's own kernels (``fallback_random``: Inductor's generated CPU normal is several
+    times slower); on a GPU Inductor generates the noise inside the fused sample kernel. A
+    seeded compiled run reproduces itself, but draws other noise than an eager run.
     """
     regulariser_inputs_(network)
-    return torch.compile(network, fullgraph=world_size() == 1, options={"fallback_random": True})
+    on_cpu = all(p.device.type == "cpu" for p in network.parameters())
+    return torch.compile(network, fullgraph=world_size() == 1, options={"fallback_random": on_cpu})
 
 
 def train(
