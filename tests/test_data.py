@@ -5,7 +5,14 @@ import torch
 
 from pwf_core.config import DataConfig
 from pwf_core.data import DatasetError, load_dataset, read_idx
-from tests._dummies.files import write_cifar10, write_idx, write_image_folder, write_mnist
+from tests._dummies.files import (
+    RunsACommand,
+    write_cifar10,
+    write_cifar100,
+    write_idx,
+    write_image_folder,
+    write_mnist,
+)
 
 
 def test_digits_split_is_fixed_and_normalised():
@@ -60,6 +67,32 @@ def test_cifar10_batches(tmp_path: Path):
     (folder / "data_batch_3").write_bytes(b"garbage")
     with pytest.raises(DatasetError, match="data_batch_3"):
         load_dataset(DataConfig(name="cifar10", path=tmp_path))
+
+
+def test_cifar100_files(tmp_path: Path):
+    folder = write_cifar100(tmp_path / "cifar-100-python")
+    dataset = load_dataset(DataConfig(name="cifar100", path=tmp_path, val_fraction=0.25))
+    assert dataset.num_classes == 100 and dataset.in_chans == 3 and dataset.img_size == 32
+    assert len(dataset.train.labels) == 30 and len(dataset.val.labels) == 10
+    assert len(dataset.test.labels) == 10 and int(dataset.test.labels.max()) < 100
+    images, _ = next(iter(dataset.loader("train", 8, shuffle=True)))
+    assert images.shape == (8, 3, 32, 32)
+    (folder / "test").unlink()
+    with pytest.raises(DatasetError, match=r"lacks \['test'\]"):
+        load_dataset(DataConfig(name="cifar100", path=folder))
+
+
+def test_cifar100_refuses_a_crafted_file(tmp_path: Path):
+    """The same restricted unpickler as CIFAR-10: a pickle that names a function is refused,
+    and nothing runs."""
+    import pickle
+
+    folder = write_cifar100(tmp_path / "c")
+    marker = tmp_path / "pwned"
+    (folder / "train").write_bytes(pickle.dumps({b"data": RunsACommand(marker)}))
+    with pytest.raises(DatasetError, match=r"not a CIFAR-100 python file.*refused to load posix"):
+        load_dataset(DataConfig(name="cifar100", path=folder))
+    assert not marker.exists()
 
 
 def test_image_folder(tmp_path: Path):

@@ -1,9 +1,9 @@
 """Datasets by name, read from local files only, and the config section that names one.
 
 ``digits`` (scikit-learn's 8x8 handwritten digits) ships with a package and is the default;
-``mnist`` (IDX files, raw or gzipped), ``cifar10`` (the python batches) and ``imagefolder``
-(an ImageNet-style ``train/`` + ``val/`` tree) are read from ``data.path``. Nothing is
-downloaded. Small datasets are held as tensors and batched without a DataLoader
+``mnist`` (IDX files, raw or gzipped), ``cifar10`` and ``cifar100`` (the python batches) and
+``imagefolder`` (an ImageNet-style ``train/`` + ``val/`` tree) are read from ``data.path``.
+Nothing is downloaded. Small datasets are held as tensors and batched without a DataLoader
 (:mod:`~pwf_core.data.loaders`); each dataset has a reader module of its own.
 """
 
@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from pwf_core.data.cifar10 import load_cifar10_dataset
+from pwf_core.data.cifar100 import load_cifar100_dataset
 from pwf_core.data.digits import load_digits_dataset
 from pwf_core.data.imagefolder import load_imagefolder_dataset, read_image
 from pwf_core.data.loaders import Batch, FolderLoader, Loader, TensorLoader
@@ -43,7 +44,8 @@ class DataConfig(Section):
 
     Args:
         name: ``digits`` ships with scikit-learn (the default); ``mnist`` reads IDX files,
-            ``cifar10`` the python batches, ``imagefolder`` an ImageNet-style train/val tree.
+            ``cifar10`` and ``cifar100`` the python batches, ``imagefolder`` an ImageNet-style
+            train/val tree.
         path: Folder of the data; required for every dataset but ``digits``.
         val_fraction: Share of the training split held out for validation.
         img_size: Input side for ``imagefolder`` (other datasets have a native size).
@@ -51,7 +53,7 @@ class DataConfig(Section):
         eval_batch_size: Batch size for evaluation.
     """
 
-    name: Literal["digits", "mnist", "cifar10", "imagefolder"] = "digits"
+    name: Literal["digits", "mnist", "cifar10", "cifar100", "imagefolder"] = "digits"
     path: Path | None = None
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     img_size: PositiveInt = 224
@@ -88,4 +90,6 @@ def load_dataset(config: DataConfig) -> ImageDataset:
         return load_mnist_dataset(path, config.val_fraction)
     if config.name == "cifar10":
         return load_cifar10_dataset(path, config.val_fraction)
+    if config.name == "cifar100":
+        return load_cifar100_dataset(path, config.val_fraction)
     return load_imagefolder_dataset(path, config.img_size, config.val_fraction, config.num_workers)

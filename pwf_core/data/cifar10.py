@@ -37,12 +37,24 @@ class _BatchUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_cifar_batch(
+    path: Path, labels_key: bytes = b"labels", what: str = "CIFAR-10 python batch"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``(n, 3, 32, 32)`` and labels of one python batch of CIFAR-10 or CIFAR-100.
+
+    Args:
+        path: The pickled batch.
+        labels_key: The labels' key in the batch (CIFAR-100 has ``fine_labels``).
+        what: What the file should be, for the error.
+
+    Raises:
+        DatasetError: naming the file when it is not such a batch (a crafted one included).
+    """
     try:
         with open(path, "rb") as handle:
             batch = _BatchUnpickler(handle, encoding="bytes").load()
         data = np.asarray(batch[b"data"], dtype=np.uint8)
-        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+        labels = np.asarray(batch[labels_key], dtype=np.int64)
     except (
         OSError,
         pickle.UnpicklingError,
@@ -53,7 +65,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         IndexError,
         AttributeError,
     ) as err:
-        raise DatasetError(f"'{path}' is not a CIFAR-10 python batch: {err}") from None
+        raise DatasetError(f"'{path}' is not a {what}: {err}") from None
     if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
         raise DatasetError(
             f"'{path}' has data {data.shape} and {len(labels)} labels; expected (n, 3072)"
@@ -69,8 +81,8 @@ def load_cifar10_dataset(folder: Path, val_fraction: float) -> ImageDataset:
     missing = [p.name for p in [*train_files, folder / "test_batch"] if not p.is_file()]
     if missing:
         raise DatasetError(f"CIFAR-10 folder '{folder}' lacks {missing}")
-    train = [_read_cifar_batch(p) for p in train_files]
-    test_images, test_labels = _read_cifar_batch(folder / "test_batch")
+    train = [read_cifar_batch(p) for p in train_files]
+    test_images, test_labels = read_cifar_batch(folder / "test_batch")
 
     def as_tensors(images: np.ndarray, labels: np.ndarray):
         tensor = torch.tensor(images, dtype=torch.float32) / 255.0

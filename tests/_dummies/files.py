@@ -1,4 +1,5 @@
-"""Writers of small, real-format dataset files: MNIST IDX, CIFAR-10 batches, image folders."""
+"""Writers of small, real-format dataset files: MNIST IDX, CIFAR-10 batches, CIFAR-100 files,
+image folders, weights files."""
 
 from __future__ import annotations
 
@@ -50,6 +51,28 @@ def write_cifar10(folder: Path, per_batch: int = 10) -> Path:
     return folder
 
 
+def write_cifar100(folder: Path, n_train: int = 40, n_test: int = 10) -> Path:
+    """A cifar-100-python folder: ``train``, ``test`` and ``meta`` as the real files hold them
+    (fine and coarse labels, file names, the batch label)."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", n_train), ("test", n_test)):
+        batch = {
+            b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+            b"batch_label": f"{name}ing batch 1 of 1".encode(),
+            b"fine_labels": rng.integers(0, 100, n).tolist(),
+            b"coarse_labels": rng.integers(0, 20, n).tolist(),
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        }
+        (folder / name).write_bytes(pickle.dumps(batch))
+    meta = {
+        b"fine_label_names": [f"fine_{i}".encode() for i in range(100)],
+        b"coarse_label_names": [f"coarse_{i}".encode() for i in range(20)],
+    }
+    (folder / "meta").write_bytes(pickle.dumps(meta))
+    return folder
+
+
 def write_image_folder(root: Path, classes: int = 2, per_class: int = 3, size: int = 12) -> Path:
     """An ImageNet-style train/val tree of small PNGs."""
     from PIL import Image
@@ -82,6 +105,31 @@ def write_crafted_cifar10(folder: Path, marker: Path) -> Path:
     write_cifar10(folder)
     (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": RunsACommand(marker)}))
     return folder
+
+
+def write_weights(
+    path: Path,
+    name: str,
+    num_classes: int,
+    in_chans: int = 3,
+    img_size: int | None = None,
+    **kwargs,
+) -> Path:
+    """A safetensors weights file of a freshly built (seeded) ``name`` of that shape: what
+    ``model.weights`` reads, standing in for a downloaded state dict.
+
+    Args:
+        **kwargs: Architecture arguments, as ``model.kwargs`` gives them.
+    """
+    import torch
+
+    from pwf_core._files import save_tensors
+    from pwf_core.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(name, num_classes, in_chans, img_size, **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_tensors(path, model.state_dict())
 
 
 def write_crafted_pt(path: Path, marker: Path) -> Path:
