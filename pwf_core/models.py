@@ -118,7 +118,8 @@ def cifar_resnet18(
     model = timm.create_model(
         "resnet18", pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs
     )
-    model.conv1 = nn.Conv2d(in_chans, 64, 3, stride=1, padding=1, bias=False)
+    stem = model.conv1.out_channels  # 64, or the ``stem_width`` given
+    model.conv1 = nn.Conv2d(in_chans, stem, 3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     return model
 

@@ -14,7 +14,9 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from pwf_flows.cli import main as pwf_main
+from tests._dummies.files import write_weights
 from tests.conftest import ROOT
+from tests.test_example_configs import SHIPPED, narrow
 
 SWEEPS = sorted((ROOT / "sweeps").rglob("*.yaml"))
 # A trial of seconds: two pretraining epochs (shared by every sweep), two fixing rounds with a
@@ -24,30 +26,58 @@ TINY = {"pretrain.epochs": 2, "train.epochs": 0.1, "eval.mc_samples": 0}
 TINY_FIXING = {"schedule": [0.5, 1.0]}
 TINY_2DGBNN = {"bnn_epochs": 1, "vi_epochs": 2, "eval_samples": 2, "step_samples": 1}
 FEWER_TRIALS = 3  # samplers that are not a grid: a study of three trials, run to its end
+PAPER_TRIALS = 2  # the papers' grids (sweeps/papers/): two of their points, run to the end
 
 
-def tiny_overrides(path: Path, storage: str, artifacts: Path, n_trials: int | None = None) -> dict:
+def tiny_overrides(
+    path: Path,
+    storage: str,
+    artifacts: Path,
+    n_trials: int | None = None,
+    files: Path | None = None,
+) -> dict:
     """Sweep fields that make the shipped sweep at ``path`` cheap without changing its space
-    (except that its choices of method train for fewer epochs and rounds).
+    (except that its choices of method train for fewer epochs and rounds, and its choices of
+    model are narrow versions of the same architectures).
 
     Args:
-        n_trials: Complete trials wanted (default: the whole grid, or :data:`FEWER_TRIALS`).
+        n_trials: Complete trials wanted (default: the whole grid, or :data:`FEWER_TRIALS`; a
+            paper's grid, :data:`PAPER_TRIALS`).
+        files: Folder for the dummy dataset and weights files of a base that reads them.
     """
     values = yaml.safe_load(path.read_text())
-    base = yaml.safe_load((path.parent / values["base"]).read_text())
+    base_path = path.parent / values["base"]
+    base = yaml.safe_load(base_path.read_text())
     knobs = TINY_2DGBNN if base["compression"]["method"] == "2dgbnn" else TINY_FIXING
     tiny = TINY | {f"compression.{key}": value for key, value in knobs.items()}
+    if not base["pretrain"]["epochs"]:
+        tiny["pretrain.epochs"] = 0  # a weights file is the pretrained model
+    if SHIPPED[base_path.name] is not None:
+        assert files is not None, f"{path.name} reads dataset files: give a folder for them"
+        tiny |= SHIPPED[base_path.name](files, base_path, **narrow(base["model"]["name"]))
+        if "model" in values["space"]:
+            tiny.pop("model.kwargs", None)  # each choice of model brings its own
+    elif narrow(base["model"]["name"]):
+        tiny["model.kwargs"] = narrow(base["model"]["name"])
     fields: dict = {
         "overrides": {**values.get("overrides", {}), **tiny},
         "study.storage": storage,
         "study.heartbeat_s": 2,
         "execution.artifacts_dir": str(artifacts),
     }
+    if path.parent.name == "papers":
+        n_trials = n_trials or PAPER_TRIALS
     if n_trials is not None or values["study"].get("sampler") != "grid":
         fields["study.n_trials"] = n_trials or FEWER_TRIALS
     for label, choice in values["space"].get("compression", {}).get("choices", {}).items():
         knobs = TINY_2DGBNN if choice["method"] == "2dgbnn" else TINY_FIXING
         fields[f"space.compression.choices.{label}"] = choice | knobs
+    for label, choice in values["space"].get("model", {}).get("choices", {}).items():
+        assert files is not None, f"{path.name} chooses models: give a folder for their weights"
+        kwargs = narrow(choice["name"])
+        weights = write_weights(files / f"{label}.safetensors", choice["name"], 2, 3, 32, **kwargs)
+        narrowed = {"weights": str(weights), "kwargs": kwargs}
+        fields[f"space.model.choices.{label}"] = choice | narrowed
     return fields
 
 
@@ -66,7 +96,7 @@ def test_shipped_sweep_runs_to_its_end(
 ):
     monkeypatch.setenv("PREFECT_API_URL", prefect_server)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    fields = tiny_overrides(path, storage, shared_artifacts)
+    fields = tiny_overrides(path, storage, shared_artifacts, files=tmp_path / "files")
     items = [f"{key}={json.dumps(value)}" for key, value in fields.items()]
     argv = ["sweep", str(path), "--no-progress", *[a for i in items for a in ("--set", i)]]
     assert pwf_main(argv) == 0
@@ -75,6 +105,7 @@ def test_shipped_sweep_runs_to_its_end(
     study = optuna.load_study(study_name=name, storage=storage)
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     wanted = FEWER_TRIALS if spec["study"].get("sampler") != "grid" else None
+    wanted = PAPER_TRIALS if path.parent.name == "papers" else wanted
     if wanted is None:  # a grid: every point of it, once
         wanted = 1
         for dimension in spec["space"].values():

@@ -18,7 +18,7 @@ from prefect.client.orchestration import get_client
 
 from pwf_flows.cli import main as pwf_main
 from pwf_flows.sweep.flow import pwf
-from pwf_flows.sweep.report import importances
+from pwf_flows.sweep.report import importances, trials_table
 from pwf_flows.sweep.spec import load_sweep
 from pwf_flows.sweep.study import objective_values, sampler_for, tell
 from tests._dummies.services import wait_until
@@ -121,6 +121,24 @@ def test_importances_answer_for_the_direction_of_each_objective(tmp_path):
     few = optuna.create_study(directions=["maximize"])
     few.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=1.0))
     assert importances(few, spec) == {}  # too few trials: skipped, not a plot of noise
+
+
+def test_a_choice_of_mixed_kinds_is_stored_as_text(tmp_path):
+    """``gaussians: {choices: [1000, auto, 6000]}`` (sweeps/papers/2dgbnn-cifar10.yaml): one
+    Parquet column holds one type, so the trials table stores the labels as text."""
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    kinds = optuna.distributions.CategoricalDistribution([1000, "auto", 6000])
+    for k in (1000, "auto"):
+        trial = optuna.trial.create_trial(
+            params={"compression.gaussians": k},
+            distributions={"compression.gaussians": kinds},
+            values=[0.5, 1.0],
+        )
+        study.add_trial(trial)
+    table = trials_table(study)
+    table.to_parquet(tmp_path / "trials.parquet", index=False)
+    read = pd.read_parquet(tmp_path / "trials.parquet")
+    assert read["param.compression.gaussians"].tolist() == ["1000", "auto"]
 
 
 @pytest.mark.integration

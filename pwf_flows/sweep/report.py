@@ -43,7 +43,13 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         }
         for t in trials_in(study, TrialState.COMPLETE)
     ]
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    for column in table.columns:
+        # A choice of mixed kinds ([1000, auto, 6000]) is a column of text: Parquet holds one
+        # type per column.
+        if table[column].dtype == object and table[column].map(type).nunique() > 1:
+            table[column] = table[column].astype(str)
+    return table
 
 
 def summary_metrics(study: optuna.Study, table: pd.DataFrame) -> dict[str, float]:
