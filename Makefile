@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-from-pyproject
 PYTEST_ARGS ?=
 CONFIG ?=
 
-.PHONY: venv browser run test lint format bench
+.PHONY: venv browser slurm run test lint format bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,11 +22,18 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  { apt-get update -q && apt-get install -y -q --no-install-recommends chromium chromium-driver; }
 
+# pwf's Slurm job scripts are tested on a real single-node cluster (tests/test_slurm.py) run by
+# the distribution's Slurm and munge, started by the test in a temporary folder.
+slurm:
+	@command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
+	  && command -v munged >/dev/null || \
+	  { apt-get update -q && apt-get install -y -q --no-install-recommends slurm-wlm munge; }
+
 run: $(STAMP)
 	$(VENV)/bin/pwf run $(CONFIG)
 
 # pytest exits with 5 when a marker filter selects no test; that is not a failure of the suite.
-test: $(STAMP) browser
+test: $(STAMP) browser slurm
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \

@@ -5,7 +5,8 @@ in the driver's process or waits in a work pool's queue, the trial's own flow ru
 once it runs there. A trial whose heartbeat stops for three intervals lost its owner: any
 driver fails it and queues its parameters again (Optuna's stale-trial callback), and the retry
 resumes from the experiment's checkpoints. A trial's flow run that finds its trial no longer
-running (failed, or finished by someone else) does nothing.
+running (failed, or finished by someone else) does nothing, and one whose process is told to
+stop (a scheduler's SIGTERM) queues its trial again before it exits.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from pwf_flows.infra import StudyStorageUnavailable, is_transient, retry_transient
+from pwf_flows.infra import (
+    InfraUnavailable,
+    StudyStorageUnavailable,
+    is_interrupt,
+    is_transient,
+    retry_transient,
+)
 from pwf_flows.sweep.spec import expand_storage, masked_url
 from pwf_flows.tracking import sqlite_creation_lock
 
@@ -268,4 +275,13 @@ def owned_trial(trial: dict[str, Any] | None) -> Iterator[bool]:
     study = optuna.load_study(study_name=trial["study"], storage=storage)
     with Heartbeats(study, int(trial["heartbeat_s"])) as heartbeats:
         heartbeats.own(trial_id)
-        yield True
+        try:
+            yield True
+        except BaseException as err:
+            # A worker's job ends (SIGTERM from a scheduler, Ctrl-C) or an outage outlasts its
+            # budget: the trial is queued again now, with the same parameters, for the next
+            # worker to resume from its checkpoints, instead of after its heartbeat goes stale.
+            if isinstance(err, InfraUnavailable) or is_interrupt(err):
+                with contextlib.suppress(InfraUnavailable):
+                    requeue(study, int(trial["number"]))
+            raise
