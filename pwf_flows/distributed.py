@@ -13,6 +13,7 @@ ranks run no flow. Before each piece of work with collectives rank 0 tells them 
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -64,8 +65,18 @@ def follow(config: ExperimentConfig) -> None:
             run.run_step(args[0])
 
 
+RELAUNCH_GRACE_S = 10.0  # how long an interrupted relaunch waits before it passes SIGTERM on
+
+
 def relaunch(argv: list[str], nproc: int) -> int:
-    """Run this ``pwf`` command again on ``nproc`` processes under ``torch.distributed.run``."""
+    """Run this ``pwf`` command again on ``nproc`` processes under ``torch.distributed.run``.
+
+    Interrupted (Ctrl-C, or a SIGTERM that pwf's handler raises as one), it waits for torchrun:
+    a signal to the terminal's process group or to every process of a batch job reached
+    torchrun too, which passes SIGTERM on to each rank (rank 0 then marks the MLflow run
+    KILLED). Only a torchrun still running after :data:`RELAUNCH_GRACE_S` is sent SIGTERM, so
+    it is never signalled twice (``subprocess.call`` would SIGKILL it and leave the ranks).
+    """
     command = [
         sys.executable,
         "-m",
@@ -76,4 +87,13 @@ def relaunch(argv: list[str], nproc: int) -> int:
         "pwf_flows.cli",
         *argv,
     ]
-    return subprocess.call(command)
+    with subprocess.Popen(command) as process:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            try:
+                process.wait(timeout=RELAUNCH_GRACE_S)
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGTERM)
+                process.wait()
+            raise

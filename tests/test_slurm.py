@@ -10,6 +10,7 @@ of the module, also when a test fails.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -262,3 +263,55 @@ def test_a_trial_handed_back_by_its_worker_job_is_resumed_by_the_next(slurm):
         ("COMPLETED", "0:0"),  # finished the trial, then left when idle
     ]
     assert "the job's time is nearly up: SIGTERM to flow run processes" in slurm.log(f"{workers}_0")
+
+
+def test_one_experiment_on_the_gpus_of_a_node_continues_after_its_time_limit(slurm):
+    """``slurm/ddp-run.sbatch``: ``pwf run --nproc 2`` on the job's two GPUs (DDP; Gloo on
+    this CPU). Warned of its time limit (``scancel --batch --signal=USR1``, what
+    ``--signal=B:USR1@600`` sends), the run stops with its MLflow run KILLED and the job
+    requeues itself; run again, it resumes from its checkpoint and ends."""
+    name = "ddp-on-slurm"
+    job = slurm.cluster.sbatch(
+        "--gres=gpu:2",
+        "--cpus-per-task=2",
+        "--mem=500M",
+        "--time=15",
+        str(SLURM / "ddp-run.sbatch"),
+        str(ROOT / "configs" / "default.yaml"),
+        "--artifacts",
+        str(slurm.workdir / "ddp-artifacts"),
+        *[
+            a
+            for key, value in {"name": name, **TINY, **SLOW}.items()
+            for a in ("--set", f"{key}={json.dumps(value)}")
+        ],
+        cwd=slurm.workdir,
+    )
+    experiments = slurm.workdir / "ddp-artifacts" / "experiments" / name
+    slurm.services.wait_for(
+        lambda: any(experiments.glob("*/step_01.safetensors")), "round 1 to end", timeout=300
+    )
+    slurm.cluster.scancel(job, "--batch", "--signal=USR1")
+    client = MlflowClient(slurm.services.env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name(name)
+
+    def killed() -> bool:
+        (run,) = client.search_runs([experiment.experiment_id])
+        return run.info.status == "KILLED"
+
+    wait_until(killed, "the run to be marked KILLED", timeout=60)
+    # Requeued, Slurm holds the job for two minutes before it may start again; let it start.
+    slurm.services.wait_for(
+        lambda: slurm.cluster.jobs().get(job) == "PENDING", "the job to requeue itself", 60
+    )
+    slurm.services.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
+    slurm.wait_jobs_gone([job], timeout=300)
+    info = slurm.cluster.job_info(job)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["distributed.world_size"] == "2"
+    assert run.data.tags["resumed_at"].startswith("round ")
+    assert run.data.metrics["final/ws/fixed_fraction"] == 1.0
+    log = slurm.log(job)
+    assert "pwf: stopped before the time limit; requeued to continue where it stopped" in log
+    assert "(run 1) on" in log and "pwf run on GPUs 0,1" in log
