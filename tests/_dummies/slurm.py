@@ -96,7 +96,9 @@ class SlurmCluster:
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={folder / 'munge' / 'munge.socket'}",
+            # cred_expire: also how long a requeued job waits before it may start again
+            # (120 s by default; a job started sooner is killed, its credential revoked).
+            f"AuthInfo=cred_expire=10,socket={folder / 'munge' / 'munge.socket'}",
             f"StateSaveLocation={folder / 'state'}",
             f"SlurmdSpoolDir={folder / 'spool'}",
             f"SlurmctldPidFile={folder / 'slurmctld.pid'}",
