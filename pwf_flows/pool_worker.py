@@ -8,7 +8,8 @@ does, one per allocated GPU), the same :class:`~prefect.workers.process.ProcessW
 pool and runs its flow runs, and:
 
 - exits 0 once none of its flow runs has been running or submitted for ``--idle-exit``
-  seconds (it stops between two polls, so no flow run is claimed and then left behind);
+  seconds (it stops between two polls, so no flow run is claimed and then left behind); an
+  API it cannot reach past its client's retries counts as idle time;
 - on SIGUSR1 (the job script passes on Slurm's warning before the time limit, ``--signal``)
   stops polling, sends SIGTERM to its flow runs and waits for them: a pwf trial marks its
   MLflow run KILLED and queues itself again in the study, and the next worker resumes it from
@@ -105,10 +106,14 @@ async def serve(pool: str, limit: int, idle_exit_s: float, name: str | None = No
         _say(f"{worker.name} polls pool '{pool}' every {poll_s:g} s (at most {limit} at once)")
         busy_at = synced_at = time.monotonic()
         while not stop.reason:
-            if time.monotonic() - synced_at >= worker.heartbeat_interval_seconds:
-                await worker.sync_with_backend()
-                synced_at = time.monotonic()
-            submitted = await worker.get_and_submit_flow_runs()
+            submitted = []
+            try:
+                if time.monotonic() - synced_at >= worker.heartbeat_interval_seconds:
+                    await worker.sync_with_backend()
+                    synced_at = time.monotonic()
+                submitted = await worker.get_and_submit_flow_runs()
+            except Exception as err:  # the API is away past its client's retries: poll again
+                _say(f"cannot poll the Prefect API ({type(err).__name__}: {err}); trying again")
             if submitted or worker.limiter.borrowed_tokens:
                 busy_at = time.monotonic()
             elif time.monotonic() - busy_at >= idle_exit_s:
@@ -117,7 +122,7 @@ async def serve(pool: str, limit: int, idle_exit_s: float, name: str | None = No
             with anyio.move_on_after(poll_s):
                 await stop.event.wait()
         running = worker.limiter.borrowed_tokens
-        _say(f"stops polling ({stop.reason}); waiting for {running:g} flow run(s) to end")
+        _say(f"stops polling ({stop.reason}); waiting for {running} flow run(s) to end")
         while worker.limiter.borrowed_tokens:
             await anyio.sleep(0.5)
         tasks.cancel_scope.cancel()

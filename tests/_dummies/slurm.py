@@ -25,7 +25,7 @@ import psutil
 
 from tests._dummies.services import Services, free_port, wait_until
 
-DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "scontrol")
+PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo", "squeue", "scancel", "scontrol")
 NODE = "pwfnode"
 GPU_DEVICES = ("/dev/null", "/dev/zero")  # stand-ins Slurm can stat as character devices
 KILL_WAIT_S = 10  # Slurm's grace between SIGTERM and SIGKILL when it ends a job
@@ -33,7 +33,7 @@ KILL_WAIT_S = 10  # Slurm's grace between SIGTERM and SIGKILL when it ends a job
 
 def missing_tools() -> list[str]:
     """Slurm and munge programs not on this machine (``make test`` installs them)."""
-    return [name for name in DAEMONS if shutil.which(name) is None]
+    return [name for name in PROGRAMS if shutil.which(name) is None]
 
 
 class SlurmCluster:
