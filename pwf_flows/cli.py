@@ -50,6 +50,7 @@ from pwf_flows.infra import (
     DiskFull,
     InfraUnavailable,
     is_disk_full,
+    is_interrupt,
     set_infra_timeout,
 )
 from pwf_flows.run_lock import ExperimentBusy
@@ -198,7 +199,9 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         return _run(config, artifacts, args)
     finally:
-        if distributed:
+        # After Ctrl-C or SIGTERM the other ranks were signalled too, and one may wait in a
+        # collective this rank left: leave without a word (the closed connections end it).
+        if distributed and not is_interrupt(sys.exc_info()[1]):
             from pwf_flows.distributed import lead
 
             lead("done")

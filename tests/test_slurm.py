@@ -315,4 +315,5 @@ def test_one_experiment_on_the_gpus_of_a_node_continues_after_its_time_limit(slu
     assert run.data.metrics["final/ws/fixed_fraction"] == 1.0
     log = slurm.log(job)
     assert "pwf: stopped before the time limit; requeued to continue where it stopped" in log
+    assert "forcefully exiting via 9" not in log  # every rank ended on its SIGTERM
     assert "(run 1) on" in log and "pwf run on GPUs 0,1" in log
