@@ -109,6 +109,9 @@ class SlurmCluster:
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "SchedulerType=sched/backfill",
+            # Look at pending jobs every few seconds (60 and 30 s by default): a requeued job
+            # becomes eligible by time, not by an event that would wake the scheduler.
+            "SchedulerParameters=sched_interval=3,bf_interval=3",
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core",
             "SlurmdParameters=config_overrides",  # the node has the CPUs this file says
