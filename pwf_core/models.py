@@ -139,6 +139,15 @@ def similar_model_names(name: str, limit: int = 5) -> list[str]:
     return difflib.get_close_matches(name, candidates, n=limit, cutoff=0.6)
 
 
+# Arguments pwf passes to every architecture from the dataset it trains on.
+_FROM_DATASET = {
+    "img_size": "its images' side: 8 for digits, 28 for MNIST, 32 for CIFAR-10, data.img_size "
+    "for an image folder",
+    "in_chans": "its images' channels",
+    "num_classes": "its classes",
+}
+
+
 class ModelConfig(Section):
     """Which network to compress.
 
@@ -163,6 +172,17 @@ class ModelConfig(Section):
             own = ", ".join(pwf_model_names())
             raise ValueError(f"unknown model '{name}' (not one of pwf's {own}, not timm's){suffix}")
         return name
+
+    @field_validator("kwargs")
+    @classmethod
+    def _not_from_the_dataset(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        given = [key for key in _FROM_DATASET if key in kwargs]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} comes from the dataset ({_FROM_DATASET[given[0]]}), not "
+                "from model.kwargs: leave it out"
+            )
+        return kwargs
 
     @field_validator("weights")
     @classmethod
