@@ -65,6 +65,11 @@ class DataConfig(Section):
             raise ValueError(f"dataset path '{path}' does not exist or is not a folder")
         return path
 
+    def unused_fields(self) -> frozenset[str]:
+        """The fields this dataset does not read: its images have one size and live in
+        memory, so only an image folder reads ``img_size`` and ``num_workers``."""
+        return frozenset() if self.name == "imagefolder" else frozenset({"img_size", "num_workers"})
+
     @model_validator(mode="after")
     def _path_given(self) -> DataConfig:
         if self.name != "digits" and self.path is None:
