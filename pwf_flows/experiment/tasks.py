@@ -66,7 +66,7 @@ def _resume(config: ExperimentConfig, path: Path, progress: bool) -> Compression
     return run
 
 
-@task(name="pretrain", cache_policy=NO_CACHE)
+@task(name="pretrain", cache_policy=NO_CACHE, task_run_name="pretrain")
 def pretrain_task(config: dict[str, Any], artifacts_dir: str, progress: bool = True) -> dict:
     """Train the deterministic model, or reuse the cached file for the same pretraining."""
     cfg = parse_config(config)
@@ -99,7 +99,7 @@ def pretrain_task(config: dict[str, Any], artifacts_dir: str, progress: bool = T
     return {"path": str(path), "cached": False, "test_acc": acc, "seconds": result.seconds}
 
 
-@task(name="prepare", cache_policy=NO_CACHE)
+@task(name="prepare", cache_policy=NO_CACHE, task_run_name="prepare")
 def prepare_task(
     config: dict[str, Any], pretrained: dict, artifacts_dir: str, progress: bool = True
 ) -> dict:
@@ -199,7 +199,7 @@ def _onnx(run: Compression, path: Path) -> dict[str, float]:
     return written.as_metrics() | {"export/onnx_max_logit_diff": difference}
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
+@task(name="evaluate", cache_policy=NO_CACHE, task_run_name="evaluate")
 def evaluate_task(
     config: dict[str, Any],
     last_step: dict,
