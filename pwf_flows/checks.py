@@ -29,6 +29,7 @@ from pwf_flows.infra import (
     retry_transient,
     wait_for_http,
 )
+from pwf_flows.links import LOCAL_UIS
 from pwf_flows.run_lock import ExperimentBusy, owner_of
 from pwf_flows.sweep.spec import masked_url
 
@@ -48,9 +49,12 @@ def check_artifacts_dir(path: str) -> str:
 
 def check_servers() -> None:
     """The tracking server and the Prefect API (when pwf does not start its own) must answer
-    within 30 s: exit 3 or 4, naming the one that does not."""
+    within 30 s: exit 3 or 4, naming the one that does not. The ports of ``pwf ui``, which
+    every link to a local run names, must be port numbers (:class:`ConfigError`)."""
     from pwf_flows.tracking import shown_uri, tracking_uri  # MLflow: once the input is valid
 
+    for ui in LOCAL_UIS:
+        ui.port()
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
         wait_for_http(

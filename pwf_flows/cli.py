@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
@@ -52,7 +53,10 @@ from pwf_flows.infra import (
     is_disk_full,
     set_infra_timeout,
 )
+from pwf_flows.links import LOCAL_UIS, is_server_uri, mlflow_ui
 from pwf_flows.run_lock import ExperimentBusy
+from pwf_flows.ui import add_parser as add_ui_parser
+from pwf_flows.ui import ui_command
 
 # The embedded default experiment ships inside the package (an installed wheel has no
 # checkout to find it in); configs/default.yaml in the repository is the same file.
@@ -157,13 +161,15 @@ def _parser() -> argparse.ArgumentParser:
         "file", type=Path, help="a compressed model, e.g. a run's final/model.pwf.safetensors"
     )
     export.add_argument("--out", type=Path, help="the ONNX file (default: FILE with .onnx)")
+    add_ui_parser(commands)
     return parser
 
 
 def _browse_hint(tracking_uri: str) -> str:
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri}"
-    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+    if is_server_uri(tracking_uri):
+        return f"open {mlflow_ui(tracking_uri)}"
+    served = ", ".join(f"{ui.name} {ui.url()}" for ui in LOCAL_UIS)
+    return f"pwf ui (serves the links above: {served})"
 
 
 def run_command(args: argparse.Namespace, argv: list[str]) -> int:
@@ -253,7 +259,8 @@ def _run(config, artifacts: str, args: argparse.Namespace) -> int:
         f"  MLflow run: {result['run_id']} in experiment '{result['experiment']}' "
         f"({shown_uri(result['tracking_uri'])})\n"
         f"  run page:   {result['url']}\n"
-        f"  browse:     {_browse_hint(shown_uri(result['tracking_uri']))}"
+        + (f"  Prefect:    {result['prefect_url']}\n" if result.get("prefect_url") else "")
+        + f"  browse:     {_browse_hint(shown_uri(result['tracking_uri']))}"
     )
     return 0
 
@@ -304,7 +311,8 @@ def sweep_command(args: argparse.Namespace) -> int:
         f"{timing['sweep/wall_s']:.0f} s (training, fixing and evaluation: "
         f"{timing['sweep/compute_s']:.0f} s)\n"
         f"  MLflow parent run: {result['mlflow_run_id']} ({result['url']})\n"
-        f"  Pareto front: pwf sweep {args.sweep} --report"
+        f"  Pareto front: pwf sweep {args.sweep} --report\n"
+        f"  browse: {_browse_hint(os.environ['MLFLOW_TRACKING_URI'])}"
     )
     return 0
 
@@ -332,10 +340,11 @@ def report_command(args: argparse.Namespace) -> int:
 
     report = build_report(client, selection, title, source)
     paths = write_report(report, folder)
+    width = max(len(name) for name in [*paths, "open"]) + 2  # a space after the longest
     print(
         f"pwf report: {len(report.runs)} runs\n"
-        + "".join(f"  {name + ':':<12}{path}\n" for name, path in paths.items())
-        + f"  open:       file://{paths['html'].resolve()}"
+        + "".join(f"  {name + ':':<{width}}{path}\n" for name, path in paths.items())
+        + f"  {'open:':<{width}}file://{paths['html'].resolve()}"
     )
     return 0
 
@@ -483,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
             return report_command(args)
         if args.command == "export":
             return export_command(args)
+        if args.command == "ui":
+            return ui_command(args)
         return sweep_command(args)
     except Terminated:
         _quiet_prefect()

@@ -29,10 +29,10 @@ from sqlalchemy.engine import make_url
 from pwf_core._files import file_lock
 from pwf_flows.errors import TrackingError
 from pwf_flows.infra import TrackingUnavailable, is_interrupt, retry_transient
+from pwf_flows.links import run_url
 
 T = TypeVar("T")
 MAX_BATCH = 900  # MLflow accepts at most 1000 entities per log_batch call
-LOCAL_UI = "http://127.0.0.1:5000"
 # MLflow 3 opens an experiment in its GenAI view (traces) unless the experiment says it holds
 # model training; every pwf experiment does, so every link lands on its runs.
 EXPERIMENT_KIND = "mlflow.experimentKind"
@@ -149,24 +149,6 @@ def experiment_id(mlflow_client: MlflowClient, name: str) -> str:
     return existing.experiment_id
 
 
-def _ui(uri: str | None) -> str:
-    uri = uri or tracking_uri()
-    if not uri.startswith(("http://", "https://")):
-        return LOCAL_UI
-    scheme, _, rest = uri.rstrip("/").partition("://")
-    return f"{scheme}://{rest.rpartition('@')[2]}"  # no credentials in a link
-
-
-def run_url(experiment: str, run_id: str, uri: str | None = None) -> str:
-    """Where a person opens the run: the server's page, or the local UI's for a SQLite store."""
-    return f"{_ui(uri)}/#/experiments/{experiment}/runs/{run_id}"
-
-
-def experiment_url(experiment: str, uri: str | None = None) -> str:
-    """The experiment's runs table (the model-training view: see :data:`TRAINING_VIEW`)."""
-    return f"{_ui(uri)}/#/experiments/{experiment}"
-
-
 def note(description: str, links: Mapping[str, str | None]) -> str:
     """A run's description as MLflow renders it (markdown): the text, then one clickable
     link per named page (``None`` leaves a page out)."""
@@ -239,7 +221,7 @@ class RunTracker:
 
     @property
     def url(self) -> str:
-        return run_url(self.experiment_id, self.run_id)
+        return run_url(self.experiment_id, self.run_id, self.client.tracking_uri)
 
     def _call(self, what: str, method, *args, **kwargs):
         return retried(lambda: method(*args, **kwargs), what)

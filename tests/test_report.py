@@ -20,6 +20,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from pwf_flows.cli import main as pwf_main
+from pwf_flows.links import TRAINING_VIEW
 from tests._dummies.services import free_port
 from tests.conftest import ROOT
 from tests.test_shipped_sweeps import tiny_overrides
@@ -125,8 +126,8 @@ def test_the_sweep_leaves_its_report_in_mlflow_and_prefect(methods_sweep):
         assert any("reliability" in path for path in images), images  # the compare view's
     study = optuna.load_study(study_name="methods", storage=storage)
     for trial in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
-        url = trial.user_attrs["mlflow_run_url"]
-        assert url.endswith(f"/runs/{trial.user_attrs['mlflow_run_id']}")
+        url = trial.user_attrs["mlflow_run_url"]  # the run's page, in the model-training view
+        assert url.endswith(f"/runs/{trial.user_attrs['mlflow_run_id']}?{TRAINING_VIEW}")
     flow_run_id = parent.data.tags["prefect.flow_run_id"]
     with get_client(sync_client=True) as prefect:
         artifacts = prefect.read_artifacts(

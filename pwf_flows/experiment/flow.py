@@ -22,7 +22,7 @@ from prefect.settings import PREFECT_UI_URL
 
 from pwf_core._files import is_complete_safetensors, write_text_atomic
 from pwf_core.checkpoint import read_checkpoint_header
-from pwf_core.config import ExperimentConfig, config_to_dict, flatten_config, parse_config
+from pwf_core.config import ExperimentConfig, config_to_dict, parse_config, recorded_params
 from pwf_core.distributed import world_size
 from pwf_core.methods import Method, Step, StepRecord
 from pwf_core.registry import create_method
@@ -37,13 +37,13 @@ from pwf_flows.experiment.tasks import (
     step_task,
 )
 from pwf_flows.infra import set_infra_timeout
+from pwf_flows.links import run_url
 from pwf_flows.results import finished_result
 from pwf_flows.run_lock import exclusive_run
 from pwf_flows.sweep.trials import owned_trial
 from pwf_flows.tracking import (
     RunTracker,
     note,
-    run_url,
     standard_tags,
     tracked_run,
     tracking_uri,
@@ -204,6 +204,7 @@ def _experiment(request: _Request) -> dict[str, Any]:
         "artifacts": str(files.root),
         "tracking_uri": tracking_uri(),
         "url": tracker.url,
+        "prefect_url": prefect_task_url() or flow_run.ui_url,
         "metrics": summary["metrics"],
         "timing": timing,
         "already_complete": False,
@@ -270,7 +271,7 @@ def _link(request: _Request, tracker: RunTracker, about: str) -> None:
     if world_size() > 1:
         logger.info("training on %d processes (DDP); rank 0 fixes and logs", world_size())
         tracker.set_tags({"distributed.world_size": world_size()})
-    tracker.log_params(flatten_config(request.cfg))
+    tracker.log_params(recorded_params(request.cfg))
 
 
 def _start_or_resume(

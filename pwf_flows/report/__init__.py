@@ -68,7 +68,7 @@ def build_report(client: MlflowClient, selection: Selection, title: str, source:
         ReportError: for an unknown experiment, sweep or run, an empty selection, or one panel
             asked for runs of different datasets.
     """
-    runs = [report_run(run) for run in select_runs(client, selection)]
+    runs = [report_run(run, client.tracking_uri) for run in select_runs(client, selection)]
     grouped = panels(runs, selection.one_panel)
     front = FrontFigure(grouped)
     try:

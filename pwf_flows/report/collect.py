@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from pwf_core.config import flatten_config
 from pwf_core.errors import ConfigError
 from pwf_core.registry import config_class
-from pwf_flows.tracking import run_url
+from pwf_flows.links import run_url, served_prefect_url
 
 FINAL = "final/"
 PARENT_TAG = "mlflow.parentRunId"
@@ -154,8 +154,13 @@ def _knobs(params: dict[str, str], method: str) -> dict[str, str]:
     }
 
 
-def report_run(run: Run) -> ReportRun:
-    """What a report reads of one MLflow run."""
+def report_run(run: Run, tracking_uri: str | None = None) -> ReportRun:
+    """What a report reads of one MLflow run.
+
+    Args:
+        run: The run.
+        tracking_uri: Its store, for the run's link (default: ``MLFLOW_TRACKING_URI``).
+    """
     data, info = run.data, run.info
     metrics = {
         key.removeprefix(FINAL): value
@@ -173,8 +178,8 @@ def report_run(run: Run) -> ReportRun:
         knobs=_knobs(data.params, method),
         metrics=metrics,
         pretrained_acc=data.metrics.get("pretrain/test_acc"),
-        url=run_url(info.experiment_id, info.run_id),
-        prefect_url=data.tags.get("prefect.flow_run_url"),
+        url=run_url(info.experiment_id, info.run_id, tracking_uri),
+        prefect_url=served_prefect_url(data.tags.get("prefect.flow_run_url")),
         tags=dict(data.tags),
     )
 

@@ -28,6 +28,7 @@ from prefect.states import Crashed
 from pwf_core.config import ExperimentConfig, config_to_dict
 from pwf_flows.experiment import pwf_experiment
 from pwf_flows.infra import InfraUnavailable, is_interrupt
+from pwf_flows.links import run_url
 from pwf_flows.sweep.spec import SweepSpec
 from pwf_flows.sweep.study import (
     TRIAL_TAG,
@@ -39,7 +40,7 @@ from pwf_flows.sweep.study import (
 )
 from pwf_flows.sweep.trials import Heartbeats, fail_stale, quiet_optuna, requeue
 from pwf_flows.tracking import client as mlflow_client
-from pwf_flows.tracking import experiment_id, retried, run_url
+from pwf_flows.tracking import experiment_id, retried
 
 POLL_SECONDS = 2.0
 
@@ -202,7 +203,12 @@ class Driver:
                 heartbeats.release(trial._trial_id)
                 self.record(
                     trial.number,
-                    {**result, "mlflow_run_id": result["run_id"], "mlflow_run_url": result["url"]},
+                    {
+                        **result,
+                        "mlflow_run_id": result["run_id"],
+                        "mlflow_run_url": result["url"],
+                        "run_name": parameters["run_name"],
+                    },
                 )
 
     def adoptable(self, client) -> dict[Any, FrozenTrial]:
@@ -325,5 +331,7 @@ def child_result(experiment: str, parent_run_id: str, number: int) -> dict[str, 
         "timing": {k: v for k, v in logged.items() if k.startswith("time/")},
         "mlflow_run_id": runs[0].info.run_id,
         "mlflow_run_url": run_url(runs[0].info.experiment_id, runs[0].info.run_id),
+        "run_name": runs[0].info.run_name,
+        "prefect_url": runs[0].data.tags.get("prefect.flow_run_url"),
         "pretrained_accuracy": logged.get("pretrain/test_acc"),
     }

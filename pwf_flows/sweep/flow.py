@@ -22,6 +22,7 @@ from pwf_core._files import file_lock, write_text_atomic
 from pwf_flows.environment import configure_environment
 from pwf_flows.infra import set_infra_timeout
 from pwf_flows.sweep.driver import Driver
+from pwf_flows.sweep.notes import describe_sweep
 from pwf_flows.sweep.report import method_label, report_sweep, trials_table
 from pwf_flows.sweep.spec import SweepSpec, dump_spec, load_sweep, masked_url
 from pwf_flows.sweep.study import TRIAL_TAG, open_study, trials_in
@@ -29,7 +30,6 @@ from pwf_flows.tracking import (
     RunTracker,
     experiment_id,
     find_run,
-    note,
     retried,
     tracked_run,
 )
@@ -98,6 +98,8 @@ def pwf(
         else:
             driver.run_in_process(deadline)
         table = report_sweep(study, spec, parent, folder)
+        runs = [] if table.empty else table["mlflow_run_id"].dropna().tolist()
+        describe_sweep(parent, study, spec, _about(spec), runs)  # now with the comparison
         timing = _timing(earlier, time.perf_counter() - started, driver.compute_s)
         parent.log_metrics(timing)
     logger.info(
@@ -135,12 +137,7 @@ def _start_parent(parent: RunTracker, study: optuna.Study, spec: SweepSpec, fold
             "sweep.base": spec.base.name,
         }
     )
-    about = (
-        f"sweep {spec.name}: {spec.n_trials} trials of {method_label(spec)} on "
-        f"{spec.base.name} ({spec.sampler}); Optuna study '{spec.name}'"
-    )
-    links = {"Prefect flow run": flow_run.ui_url, "the trials compared": _report_link(parent)}
-    parent.set_tags({"mlflow.note.content": note(about, links)})
+    describe_sweep(parent, study, spec, _about(spec))
     closed = close_orphaned_runs(study, spec.name, parent.run_id)
     if closed:
         get_run_logger().info("closed MLflow runs left RUNNING by a stopped driver: %s", closed)
@@ -148,9 +145,11 @@ def _start_parent(parent: RunTracker, study: optuna.Study, spec: SweepSpec, fold
     parent.log_artifact(folder / "sweep.yaml")
 
 
-def _report_link(parent: RunTracker) -> str:
-    """Where MLflow shows the sweep's report (an HTML artifact of its parent run)."""
-    return f"{parent.url}/artifacts/report/report.html"
+def _about(spec: SweepSpec) -> str:
+    return (
+        f"sweep {spec.name}: {spec.n_trials} trials of {method_label(spec)} on "
+        f"{spec.base.name} ({spec.sampler}); Optuna study '{spec.name}'"
+    )
 
 
 def _timing(earlier: dict[str, float], wall_s: float, compute_s: float) -> dict[str, float]:

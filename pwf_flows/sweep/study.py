@@ -11,6 +11,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from pwf_core._seeding import derive_seed
 from pwf_core.config import ExperimentConfig
+from pwf_flows.sweep.notes import save_trial_note, trial_note
 from pwf_flows.sweep.spec import OBJECTIVES, SweepSpec
 from pwf_flows.sweep.trials import quiet_optuna, storage_for
 
@@ -87,6 +88,8 @@ def tell(study: optuna.Study, spec: SweepSpec, number: int, result: dict[str, An
     for key in ("mlflow_run_id", "mlflow_run_url", "pretrained_accuracy"):
         if result.get(key) is not None:
             study._storage.set_trial_user_attr(trial_id, key, result[key])
+    if result.get("mlflow_run_url"):  # a link optuna-dashboard renders (attributes are text)
+        save_trial_note(study, trial_id, trial_note(number, result))
     study.tell(number, objective_values(spec, metrics))
 
 
