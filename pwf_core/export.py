@@ -36,6 +36,7 @@ from pwf_core._files import (
     smallest_index_dtype,
 )
 from pwf_core.bayes import bayesian_params, is_bayesian, plain_state
+from pwf_core.data.contract import CONTRACT_KEY, InputContract
 from pwf_core.errors import CheckpointError, CompressedFileError, NotCompressedError
 from pwf_core.metrics import converted_values
 from pwf_core.models import ModelSpec
@@ -236,6 +237,7 @@ def save_compressed(
     *,
     spec: ModelSpec | None = None,
     config: dict[str, Any] | None = None,
+    contract: InputContract | None = None,
 ) -> ExportReport:
     """Write a compressed ``model`` (every converted weight shared) in its method's format.
 
@@ -245,6 +247,8 @@ def save_compressed(
         spec: The architecture, so that :func:`load_compressed` can rebuild it without an
             instance; leave it out for your own model class.
         config: Plain data to record in the header (e.g. the experiment config).
+        contract: How a raw sample becomes the model's input (the dataset's
+            :attr:`~pwf_core.data.ImageDataset.contract`), recorded in the header.
 
     Raises:
         NotCompressedError: when the model was never converted or some converted weight is
@@ -272,6 +276,8 @@ def save_compressed(
         "sha256": _digest(tensors),
         **encoded.header,
     }
+    if contract is not None:
+        header[CONTRACT_KEY] = contract.as_dict()
     path = save_tensors(path, tensors, {_METADATA_KEY: json.dumps(header)})
     file_bytes = path.stat().st_size
     header_bytes = file_bytes - _nbytes(tensors)

@@ -4,7 +4,8 @@
 is omitted); ``pwf sweep SWEEP.yaml`` runs the ``pwf`` sweep flow with in-process trials, and
 ``--report`` prints its trials and Pareto front. Without ``PREFECT_API_URL`` a temporary Prefect
 server runs for the length of the command. ``pwf report`` compares finished runs; ``pwf export
-FILE`` writes a compressed model as ONNX and checks it in ONNX Runtime.
+FILE`` writes a compressed model as ONNX and checks it in ONNX Runtime; ``pwf ui`` serves the
+local stores in MLflow, the Prefect UI and optuna-dashboard (:mod:`pwf_flows.ui`).
 
 Everything that can be checked is checked before Prefect starts, before an MLflow run exists
 and before the artifacts folder is written: the config or sweep file, the dataset files, the
@@ -161,6 +162,11 @@ def _parser() -> argparse.ArgumentParser:
         "file", type=Path, help="a compressed model, e.g. a run's final/model.pwf.safetensors"
     )
     export.add_argument("--out", type=Path, help="the ONNX file (default: FILE with .onnx)")
+    export.add_argument(
+        "--preprocess",
+        action="store_true",
+        help="put the dataset's normalisation into the graph: the file takes raw pixels",
+    )
     add_ui_parser(commands)
     return parser
 
@@ -376,11 +382,11 @@ def export_command(args: argparse.Namespace) -> int:
     step checkpoint, a truncated or corrupted file, one saved from the user's own class) ends
     in one line and exit 2 before anything is written.
     """
-    import torch
 
+    from pwf_core.data import recorded_contract
     from pwf_core.export import load_compressed, read_header
     from pwf_core.models import ModelSpec
-    from pwf_core.onnx_export import check_onnx, export_onnx
+    from pwf_core.onnx_export import INPUT_METADATA, check_onnx, export_onnx
 
     out = args.out or args.file.with_suffix(".onnx")
     if out.is_dir():
@@ -393,26 +399,52 @@ def export_command(args: argparse.Namespace) -> int:
             "model=MyNet()) and write it with pwf_core.export_onnx(model, path, example_input)"
         )
     try:
+        contract = recorded_contract(header)
+        if args.preprocess and contract is None:
+            raise CheckpointError(
+                f"'{args.file}' records no input contract (an older pwf wrote it), so there is "
+                "no normalisation to put into the graph: export it without --preprocess and "
+                "normalise inputs as its dataset's reader in pwf_core/data/ does"
+            )
         spec = ModelSpec(**header["model"])
         model = load_compressed(args.file)
-        side = _input_side(spec.img_size, header.get("config") or {}, args.file)
-        example = torch.rand(
-            _EXAMPLE_BATCH, spec.in_chans, side, side, generator=torch.Generator().manual_seed(0)
-        )
-        result = export_onnx(model, out, example)
+        raw, example = _example_inputs(spec, contract, header, args.file)
+        result = export_onnx(model, out, example, contract=contract, preprocess=args.preprocess)
     except (ValueError, TypeError, KeyError) as err:
         # a header that parses but describes no model this pwf can load and run (including
         # NotCompressedError: free weights), said as one line rather than a traceback
         problem = f"it has no {err.args[0]!r}" if isinstance(err, KeyError) else str(err)
         raise CheckpointError(f"'{args.file}' cannot be exported: {one_line(problem)}") from None
-    difference = check_onnx(result.path, model, example)
+    difference = check_onnx(result.path, model, example, raw if args.preprocess else None)
     print(
         f"pwf export: {result.path}: {result.file_bytes:,} bytes (float ONNX "
         f"{result.float_bytes:,} bytes, {result.ratio:.1f}x smaller); "
         f"{len(result.shared_tensors)} shared tensors on {result.codebook_size} values "
-        f"({result.index_dtype} indices); max |logit difference| vs pwf {difference:.2g}"
+        f"({result.index_dtype} indices); max |logit difference| vs pwf {difference:.2g}\n"
+        + (
+            f"  input: {contract.describe(args.preprocess)} (in the file's metadata, "
+            f"key {INPUT_METADATA!r})"
+            if contract is not None
+            else "  input: not recorded (an older pwf wrote the file): normalise as its "
+            "dataset's reader in pwf_core/data/ does"
+        )
     )
     return 0
+
+
+def _example_inputs(spec, contract, header: dict, path: Path) -> tuple:
+    """Raw pixels across the contract's range and the model's input made of them (without a
+    contract: values in [0, 1], the model's input as is)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    if contract is not None:
+        low, high = contract.raw_range
+        raw = low + (high - low) * torch.rand(_EXAMPLE_BATCH, *contract.shape, generator=generator)
+        return raw, contract.normalise(raw)
+    side = _input_side(spec.img_size, header.get("config") or {}, path)
+    example = torch.rand(_EXAMPLE_BATCH, spec.in_chans, side, side, generator=generator)
+    return example, example
 
 
 def slug(names: list[str]) -> str:

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from pwf_core.data.cifar10 import load_cifar10_dataset
+from pwf_core.data.contract import InputContract, recorded_contract
 from pwf_core.data.digits import load_digits_dataset
 from pwf_core.data.imagefolder import load_imagefolder_dataset, read_image
 from pwf_core.data.loaders import Batch, FolderLoader, Loader, TensorLoader
@@ -29,12 +30,14 @@ __all__ = [
     "DatasetError",
     "FolderLoader",
     "ImageDataset",
+    "InputContract",
     "Loader",
     "TensorLoader",
     "TensorSplit",
     "load_dataset",
     "read_idx",
     "read_image",
+    "recorded_contract",
 ]
 
 

@@ -9,10 +9,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pwf_core.data.splits import ImageDataset, normalise, tensor_dataset
+from pwf_core.data.contract import InputContract
+from pwf_core.data.splits import ImageDataset, tensor_dataset
 from pwf_core.errors import DatasetError
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+# batches.meta's label_names, in label order
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+CONTRACT = InputContract(
+    shape=(3, 32, 32),
+    raw_range=(0.0, 255.0),
+    divide_by=255.0,
+    mean=CIFAR10_MEAN,
+    std=CIFAR10_STD,
+    class_names=CIFAR10_CLASSES,
+)
 
 
 class _BatchUnpickler(pickle.Unpickler):
@@ -73,8 +95,7 @@ def load_cifar10_dataset(folder: Path, val_fraction: float) -> ImageDataset:
     test_images, test_labels = _read_cifar_batch(folder / "test_batch")
 
     def as_tensors(images: np.ndarray, labels: np.ndarray):
-        tensor = torch.tensor(images, dtype=torch.float32) / 255.0
-        return normalise(tensor, CIFAR10_MEAN, CIFAR10_STD), torch.tensor(labels)
+        return CONTRACT.normalise(torch.tensor(images)), torch.tensor(labels)
 
     return tensor_dataset(
         "cifar10",
@@ -83,4 +104,5 @@ def load_cifar10_dataset(folder: Path, val_fraction: float) -> ImageDataset:
         val_fraction,
         num_classes=10,
         augment="crop_flip",
+        contract=CONTRACT,
     )

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pwf_core.data.splits import ImageDataset, normalise, tensor_dataset
+from pwf_core.data.contract import InputContract
+from pwf_core.data.splits import ImageDataset, tensor_dataset
 from pwf_core.errors import DatasetError
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
@@ -51,7 +52,8 @@ def _find_file(folder: Path, stems: tuple[str, ...]) -> Path:
 
 def load_mnist_dataset(folder: Path, val_fraction: float) -> ImageDataset:
     """MNIST from the four IDX files in ``folder`` (also looks in ``raw/`` and ``MNIST/raw/``)."""
-    arrays = {}
+    arrays: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    contract = None
     for split, prefix in (("train", "train"), ("test", "t10k")):
         images = read_idx(
             _find_file(folder, (f"{prefix}-images-idx3-ubyte", f"{prefix}-images.idx3-ubyte"))
@@ -64,9 +66,16 @@ def load_mnist_dataset(folder: Path, val_fraction: float) -> ImageDataset:
                 f"MNIST {split} files under '{folder}' disagree: "
                 f"images {images.shape}, labels {labels.shape}"
             )
-        tensor = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 255.0
-        arrays[split] = (
-            normalise(tensor, MNIST_MEAN, MNIST_STD),
-            torch.tensor(labels, dtype=torch.long),
+        raw = torch.tensor(images, dtype=torch.float32).unsqueeze(1)
+        contract = InputContract(
+            shape=tuple(raw.shape[1:]),
+            raw_range=(0.0, 255.0),
+            divide_by=255.0,
+            mean=MNIST_MEAN,
+            std=MNIST_STD,
+            class_names=tuple(str(digit) for digit in range(10)),
         )
-    return tensor_dataset("mnist", *arrays["train"], *arrays["test"], val_fraction, num_classes=10)
+        arrays[split] = (contract.normalise(raw), torch.tensor(labels, dtype=torch.long))
+    return tensor_dataset(
+        "mnist", *arrays["train"], *arrays["test"], val_fraction, num_classes=10, contract=contract
+    )

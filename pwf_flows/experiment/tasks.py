@@ -21,7 +21,7 @@ from pwf_core import Compression
 from pwf_core._files import atomic_path, is_complete_safetensors, write_text_atomic
 from pwf_core.checkpoint import load_checkpoint, read_checkpoint_header, save_checkpoint
 from pwf_core.config import DataConfig, ExperimentConfig, config_to_dict, parse_config
-from pwf_core.data import ImageDataset, load_dataset
+from pwf_core.data import ImageDataset, InputContract, load_dataset
 from pwf_core.export import save_compressed
 from pwf_core.methods import Step, StepRecord
 from pwf_core.methods.base import history
@@ -181,14 +181,14 @@ def _tables(records: list[StepRecord]) -> tuple[pd.DataFrame, pd.DataFrame]:
     return history(records), pd.DataFrame(detail)
 
 
-def _onnx(run: Compression, path: Path) -> dict[str, float]:
-    """Write the compressed model as ONNX (codebook + indices) and check it in ONNX Runtime
-    on a test batch: ``size/onnx_bytes``, ``size/onnx_float_bytes`` and
-    ``export/onnx_max_logit_diff``. A model the exporter cannot take costs the run nothing
-    but a warning (the compressed file is what the run promises)."""
+def _onnx(run: Compression, path: Path, contract: InputContract | None) -> dict[str, float]:
+    """Write the compressed model as ONNX (codebook + indices, the dataset's input contract
+    among its metadata) and check it in ONNX Runtime on a test batch: ``size/onnx_bytes``,
+    ``size/onnx_float_bytes`` and ``export/onnx_max_logit_diff``. A model the exporter cannot
+    take costs the run nothing but a warning (the compressed file is what the run promises)."""
     batch = next(iter(run.context.eval_loader))[0][:64].cpu()
     try:
-        written = export_onnx(run.model, path, batch)
+        written = export_onnx(run.model, path, batch, contract=contract)
         difference = check_onnx(written.path, run.model, batch)
     except Exception as err:  # an architecture torch.onnx cannot trace, a runtime missing
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
@@ -218,6 +218,7 @@ def evaluate_task(
         files.final / "model.pwf.safetensors",
         spec=model_spec(cfg, cached_dataset(cfg.data)),
         config=config_to_dict(cfg),
+        contract=cached_dataset(cfg.data).contract,
     )
     metrics |= export.as_metrics()
     steps, detail = _tables(step_history(Path(last_step["path"])))
@@ -226,7 +227,7 @@ def evaluate_task(
         "detail": files.final / "detail.parquet",
         "model": export.path,
     }
-    onnx_metrics = _onnx(run, files.final / "model.onnx")
+    onnx_metrics = _onnx(run, files.final / "model.onnx", cached_dataset(cfg.data).contract)
     if onnx_metrics:
         metrics |= onnx_metrics
         outputs["onnx"] = files.final / "model.onnx"
