@@ -191,6 +191,18 @@ def test_every_stored_link_names_where_pwf_ui_serves_it(served):
         assert "data.img_size" not in run.data.params  # digits have one size
 
 
+def test_the_runs_model_files_record_how_to_feed_them(served):
+    from pwf_core.data import recorded_contract
+    from pwf_core.export import read_header
+    from pwf_core.onnx_export import recorded_input
+
+    final = Path(_printed("artifacts:", served.run_output)) / "final"
+    contract = recorded_contract(read_header(final / "model.pwf.safetensors"))
+    assert contract.shape == (1, 8, 8) and contract.divide_by == 16.0
+    onnx_input = recorded_input(final / "model.onnx")
+    assert onnx_input["mean"] == list(contract.mean) and not onnx_input["normalisation_in_graph"]
+
+
 def test_the_mlflow_run_page_opens_in_the_model_training_view(served, browser):
     (run,) = _runs(served, "pwf-default")
     browser.get(_printed("run page:", served.run_output))
