@@ -96,15 +96,21 @@ def test_flow_logs_every_step_links_and_artifacts(prefect_server, mlflow_store, 
     assert result["url"] in artifact.data and f"/runs/{run_id}" in result["url"]
     assert "| round 3/3 |" in artifact.data and "**final**" in artifact.data
     # Prefect's graph is the real chain: each task's input is the previous task's result.
-    tasks = prefect["tasks"]
-    assert upstream(tasks[_named(tasks, "prepare")], "pretrained") == {
-        str(tasks[_named(tasks, "pretrain")].id)
+    tasks = prefect["tasks"]  # named without Prefect's random suffixes
+    assert set(tasks) == {
+        "pretrain",
+        "prepare",
+        "round 1 of 3",
+        "round 2 of 3",
+        "round 3 of 3",
+        "evaluate",
     }
+    assert upstream(tasks["prepare"], "pretrained") == {str(tasks["pretrain"].id)}
     chain = [tasks["round 1 of 3"], tasks["round 2 of 3"], tasks["round 3 of 3"]]
-    assert upstream(chain[0], "previous") == {str(tasks[_named(tasks, "prepare")].id)}
+    assert upstream(chain[0], "previous") == {str(tasks["prepare"].id)}
     assert upstream(chain[1], "previous") == {str(chain[0].id)}
     assert upstream(chain[2], "previous") == {str(chain[1].id)}
-    assert upstream(tasks[_named(tasks, "evaluate")], "last_step") == {str(chain[2].id)}
+    assert upstream(tasks["evaluate"], "last_step") == {str(chain[2].id)}
     logged = {
         f.path
         for folder in ("tables", "plots", "model")
@@ -132,11 +138,6 @@ def test_flow_logs_every_step_links_and_artifacts(prefect_server, mlflow_store, 
     assert after.data.metrics == before.data.metrics and after.data.tags == before.data.tags
     assert len(client.get_metric_history(run_id, "time/experiment_s")) == 1
     assert len(runs_of("flow-e2e")) == 1
-
-
-def _named(tasks: dict, prefix: str) -> str:
-    (name,) = [n for n in tasks if n.startswith(f"{prefix}-")]
-    return name
 
 
 @pytest.mark.integration
