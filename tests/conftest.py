@@ -22,6 +22,18 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 
 
+@pytest.fixture(autouse=True)
+def _nothing_logged_twice(request):
+    """After every test, every MLflow store it left in its tmp_path holds each metric once
+    per step, whatever resume paths the test took."""
+    folder = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if folder is not None:
+        from tests._dummies.mlflow_store import assert_stores_logged_once
+
+        assert_stores_logged_once(folder)
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """One real Prefect server (a temporary database) for the whole test run; yields its URL."""
