@@ -187,6 +187,8 @@ class ModelConfig(Section):
     @field_validator("weights")
     @classmethod
     def _weights_exist(cls, weights: Path | None) -> Path | None:
+        if weights is not None and weights.is_dir():
+            raise ValueError(f"weights file '{weights}' is a folder; name the file in it")
         if weights is not None and not weights.is_file():
             raise ValueError(f"weights file '{weights}' does not exist")
         return weights

@@ -25,7 +25,7 @@ from functools import cache
 from pathlib import Path
 
 import pwf_core
-from pwf_core._files import is_complete_safetensors
+from pwf_core._files import is_complete_safetensors, is_sound_safetensors
 from pwf_core.checkpoint import CheckpointSize
 from pwf_core.config import ExperimentConfig, config_hash, config_to_dict
 from pwf_core.registry import create_method
@@ -51,6 +51,25 @@ def run_key(config: ExperimentConfig) -> str:
     """What determines a whole experiment: the config (but how it is executed) and the code."""
     values = {k: v for k, v in config_to_dict(config).items() if k != "execution"}
     return config_hash(values, code_version())
+
+
+def set_aside(path: Path) -> Path:
+    """Move a damaged file out of the way as ``<name>.corrupt`` (kept for a post-mortem)."""
+    aside = path.with_name(path.name + ".corrupt")
+    path.replace(aside)
+    return aside
+
+
+def usable_checkpoint(path: Path, warn: Callable[[str], None] | None = None) -> bool:
+    """Whether the checkpoint at ``path`` can be resumed from; a damaged one is set aside."""
+    if not path.exists():
+        return False
+    if is_sound_safetensors(path):
+        return True
+    set_aside(path)
+    if warn is not None:
+        warn(f"{path} is damaged or incomplete; moved aside as {path.name}.corrupt")
+    return False
 
 
 @dataclass(frozen=True)
@@ -107,20 +126,24 @@ class ExperimentFiles:
         return sorted(found)
 
     def finished_steps(self, num_steps: int, warn: Callable[[str], None] | None = None) -> int:
-        """How many steps are done: the number of the newest whole step checkpoint.
+        """How many steps are done: the number of the newest sound step checkpoint.
 
-        A checkpoint that is not whole (a disk that filled up, a copy cut short) is moved
-        aside as ``*.corrupt``, with ``warn`` told, and the run resumes from the one before it
-        (which is still there: a new checkpoint is complete before the old one goes).
+        A checkpoint that is not whole (a disk that filled up, a copy cut short) or whose bytes
+        changed (its checksum) is moved aside as ``*.corrupt``, with ``warn`` told, and the run
+        resumes from the one before it, or from the start when it was the only one kept (every
+        step reseeds from the seed, so the steps done again give the same numbers).
         """
         for number, path in reversed(self.checkpoints()):
             if number > num_steps:
                 continue
-            if is_complete_safetensors(path):
+            if is_sound_safetensors(path):
                 return number
-            path.replace(path.with_name(path.name + ".corrupt"))
+            set_aside(path)
             if warn is not None:
-                warn(f"checkpoint {path.name} is incomplete; moved aside, resuming before it")
+                warn(
+                    f"checkpoint {path.name} is damaged or incomplete; moved aside as "
+                    f"{path.name}.corrupt, resuming before it"
+                )
         return 0
 
     def resume_point(self, finished: int) -> Path:
@@ -142,7 +165,7 @@ class ExperimentFiles:
         if not self.root.is_dir():
             return
         for path in self.root.iterdir():
-            if path.name in ("run.lock", "run.owner"):
+            if path.name in ("run.lock", "run.owner", "prefect_run.json"):
                 continue
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)

@@ -38,13 +38,13 @@ from pwf_core.config import (
 from pwf_core.data import DatasetError
 from pwf_core.registry import create_method
 from pwf_flows.checks import (
+    ServerChecks,
     already_finished,
     check_artifacts_dir,
     check_disk,
     check_not_running,
-    check_servers,
-    check_storage,
     check_tracking_experiment,
+    check_tracking_uri,
 )
 from pwf_flows.environment import configure_environment
 from pwf_flows.errors import ServerError, TrackingError
@@ -186,6 +186,7 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> int:
     if args.keep_checkpoints:
         overrides["execution.keep_checkpoints"] = True
     config = load_config(args.config, overrides)
+    check_tracking_uri()
     artifacts = check_artifacts_dir(args.artifacts or "artifacts")
     args.artifacts_folder = artifacts
     set_infra_timeout(config.execution.infra_timeout_s)
@@ -197,9 +198,10 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> int:
 
         follow(config)  # rank 0 checked the input and runs the flow; follow its lead
         return 0
+    servers = ServerChecks()  # they answer (or not) while the input is checked
     preflight(config)
     check_not_running(config, artifacts)
-    check_servers()
+    servers.wait()
     if args.fresh or not already_finished(config, artifacts):
         check_disk(config, artifacts)
     check_tracking_experiment(config.name)
@@ -278,6 +280,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     if args.artifacts:
         overrides["execution.artifacts_dir"] = check_artifacts_dir(args.artifacts)
     spec = load_sweep(args.sweep, overrides)
+    check_tracking_uri()
     args.artifacts_folder = check_artifacts_dir(spec.execution.artifacts_dir)
     if args.report:
         from pwf_flows.sweep.report import pareto_report  # imports Optuna: after validation
@@ -294,8 +297,7 @@ def sweep_command(args: argparse.Namespace) -> int:
         print(table.to_string(index=False) if not table.empty else "(no complete trial)")
         return 0
     set_infra_timeout(spec.infra_timeout_s)
-    check_servers()
-    check_storage(spec.study.resolved_storage())
+    ServerChecks(storage=spec.study.resolved_storage()).wait()
     check_disk(spec.trial_config({}), spec.execution.artifacts_dir, runs=spec.n_trials)
     check_tracking_experiment(spec.name)
     from pwf_flows.server import prefect_api
@@ -382,7 +384,6 @@ def export_command(args: argparse.Namespace) -> int:
     step checkpoint, a truncated or corrupted file, one saved from the user's own class) ends
     in one line and exit 2 before anything is written.
     """
-
     from pwf_core.data import recorded_contract
     from pwf_core.export import load_compressed, read_header
     from pwf_core.models import ModelSpec

@@ -78,9 +78,23 @@ def served(tmp_path_factory) -> Iterator[Served]:
     tiny = TINY | {f"compression.{key}": value for key, value in TINY_FIXING.items()}
     run = _pwf(folder, env, "run", "--no-progress", *_sets(tiny))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    log = folder / "pwf-ui.out"
+    ui = _start_ui(folder, env, folder / "pwf-ui.out")
+    try:
+        storage = f"sqlite:///{folder / 'optuna.db'}"
+        fields = tiny_overrides(SWEEP, storage, folder / "artifacts", n_trials=2)
+        sweep = _pwf(folder, env, "sweep", str(SWEEP), "--no-progress", *_sets(fields))
+        assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
+        _wait_serving(ui, folder / "pwf-ui.out")
+        yield Served(folder, env, run.stdout, sweep.stdout, ui)
+    finally:
+        if ui.poll() is None:
+            os.killpg(ui.pid, signal.SIGKILL)
+            ui.wait()
+
+
+def _start_ui(folder: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
     with log.open("w") as handle:
-        ui = subprocess.Popen(
+        return subprocess.Popen(
             [*PWF, "ui"],
             cwd=folder,
             env=env,
@@ -88,17 +102,10 @@ def served(tmp_path_factory) -> Iterator[Served]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    try:
-        storage = f"sqlite:///{folder / 'optuna.db'}"
-        fields = tiny_overrides(SWEEP, storage, folder / "artifacts", n_trials=2)
-        sweep = _pwf(folder, env, "sweep", str(SWEEP), "--no-progress", *_sets(fields))
-        assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
-        wait_until(lambda: "logs:" in log.read_text(), "pwf ui to serve", 180, processes=[ui])
-        yield Served(folder, env, run.stdout, sweep.stdout, ui)
-    finally:
-        if ui.poll() is None:
-            os.killpg(ui.pid, signal.SIGKILL)
-            ui.wait()
+
+
+def _wait_serving(ui: subprocess.Popen, log: Path) -> None:
+    wait_until(lambda: "logs:" in log.read_text(), "pwf ui to serve", 180, processes=[ui])
 
 
 @pytest.fixture(scope="module")
@@ -281,16 +288,26 @@ def test_the_reports_links_resolve_under_pwf_ui(served, browser):
 
 
 def test_pwf_ui_stops_every_ui_on_sigterm(served):
-    ui = psutil.Process(served.ui.pid)
-    started = ui.children(recursive=True)
-    assert len(started) >= 3  # MLflow, Prefect and optuna-dashboard, and their workers
-    served.ui.send_signal(signal.SIGTERM)
-    assert served.ui.wait(timeout=30) == 0
+    """A ``pwf ui`` of its own (on the same stores, other ports), so that the order in which
+    tests run does not matter."""
+    env = served.env | {ui.env: str(free_port()) for ui in LOCAL_UIS}
+    log = served.folder / "pwf-ui-stopped.out"
+    command = _start_ui(served.folder, env, log)
+    try:
+        _wait_serving(command, log)
+        started = psutil.Process(command.pid).children(recursive=True)
+        assert len(started) >= 3  # MLflow, Prefect and optuna-dashboard, and their workers
+        command.send_signal(signal.SIGTERM)
+        assert command.wait(timeout=30) == 0
+    finally:
+        if command.poll() is None:
+            os.killpg(command.pid, signal.SIGKILL)
+            command.wait()
     wait_until(lambda: all(exited(p) for p in started), "every UI process to exit", 15)
-    for ui_kind in LOCAL_UIS:  # nothing listens where they served
+    for ui in LOCAL_UIS:  # nothing listens where they served
         with socket.socket() as probe:
-            assert probe.connect_ex(("127.0.0.1", int(served.env[ui_kind.env]))) != 0
-    assert "pwf ui: stopped" in (served.folder / "pwf-ui.out").read_text()
+            assert probe.connect_ex(("127.0.0.1", int(env[ui.env]))) != 0
+    assert log.read_text().rstrip().endswith("pwf ui: stopped")
 
 
 def test_a_port_in_use_is_refused_in_one_line(tmp_path, monkeypatch, capsys):

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from pwf_core.data.contract import InputContract
-from pwf_core.data.splits import ImageDataset, tensor_dataset
+from pwf_core.data.splits import ImageDataset, check_labels, tensor_dataset
 from pwf_core.errors import DatasetError
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -65,21 +65,15 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             batch = _BatchUnpickler(handle, encoding="bytes").load()
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    except (
-        OSError,
-        pickle.UnpicklingError,
-        KeyError,
-        TypeError,
-        EOFError,
-        ValueError,
-        IndexError,
-        AttributeError,
-    ) as err:
-        raise DatasetError(f"'{path}' is not a CIFAR-10 python batch: {err}") from None
+    except Exception as err:  # whatever a damaged or crafted pickle makes the unpickler do
+        raise DatasetError(
+            f"'{path}' is not a CIFAR-10 python batch: {type(err).__name__}: {err}"
+        ) from None
     if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
         raise DatasetError(
             f"'{path}' has data {data.shape} and {len(labels)} labels; expected (n, 3072)"
         )
+    check_labels(labels, 10, f"labels of '{path}'")
     return data.reshape(-1, 3, 32, 32), labels
 
 

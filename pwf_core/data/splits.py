@@ -70,6 +70,16 @@ def split_indices(n: int, val_fraction: float) -> tuple[torch.Tensor, torch.Tens
     return order[n_val:], order[:n_val]
 
 
+def check_labels(labels, num_classes: int, what: str) -> None:
+    """Raise :class:`DatasetError` unless every label is a class index below ``num_classes``
+    (a label out of range would crash the loss mid-training, far from the file it came from)."""
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise DatasetError(
+            f"{what} run from {int(labels.min())} to {int(labels.max())}; "
+            f"expected class indices 0 to {num_classes - 1}"
+        )
+
+
 def tensor_dataset(
     name: str,
     train_images: torch.Tensor,

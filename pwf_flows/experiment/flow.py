@@ -26,7 +26,7 @@ from pwf_core.config import ExperimentConfig, config_to_dict, parse_config, reco
 from pwf_core.distributed import world_size
 from pwf_core.methods import Method, Step, StepRecord
 from pwf_core.registry import create_method
-from pwf_flows.artifacts import ExperimentFiles, run_key
+from pwf_flows.artifacts import ExperimentFiles, run_key, usable_checkpoint
 from pwf_flows.environment import configure_environment
 from pwf_flows.experiment.summary import artifact_key, default_run_name, description, markdown
 from pwf_flows.experiment.tasks import (
@@ -38,6 +38,7 @@ from pwf_flows.experiment.tasks import (
 )
 from pwf_flows.infra import set_infra_timeout
 from pwf_flows.links import run_url
+from pwf_flows.orphans import take_over_experiment
 from pwf_flows.results import finished_result
 from pwf_flows.run_lock import exclusive_run
 from pwf_flows.sweep.trials import owned_trial
@@ -150,6 +151,9 @@ class _Request:
 
 def _experiment(request: _Request) -> dict[str, Any]:
     cfg, files = request.cfg, request.files
+    crashed = take_over_experiment(files.root)
+    if crashed:
+        get_run_logger().info("marked CRASHED what a killed process left running: %s", crashed)
     if request.fresh:
         files.clear_outputs()
     done = finished_result(cfg, files)
@@ -288,7 +292,7 @@ def _start_or_resume(
     """
     files, logger = request.files, get_run_logger()
     finished = files.finished_steps(len(plan), warn=logger.warning)
-    if finished == 0 and not is_complete_safetensors(files.init):
+    if finished == 0 and not usable_checkpoint(files.init, logger.warning):
         pretrained = pretrain_task(request.values, request.artifacts_dir, request.progress)
         _log_pretraining(tracker, pretrained)
         prepared = prepare_task(request.values, pretrained, request.artifacts_dir, request.progress)
@@ -319,11 +323,9 @@ def _log_pretraining(tracker: RunTracker, pretrained: dict) -> None:
 
 def _log_missing_steps(tracker: RunTracker, records: list[StepRecord]) -> None:
     """Log the steps a crash kept from MLflow (it can fall between a checkpoint and its log);
-    a step that is already there is not logged again."""
+    the tracker leaves out whatever is there already."""
     for record in records:
-        number = record.step.index + 1
-        if record.metrics and number not in tracker.logged_steps(next(iter(record.metrics))):
-            tracker.log_metrics(record.metrics, step=number)
+        tracker.log_metrics(record.metrics, step=record.step.index + 1)
 
 
 def _pretrained_acc(files: ExperimentFiles) -> float | None:

@@ -18,7 +18,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from pwf_core import Compression
-from pwf_core._files import atomic_path, is_complete_safetensors, write_text_atomic
+from pwf_core._files import atomic_path, write_text_atomic
 from pwf_core.checkpoint import load_checkpoint, read_checkpoint_header, save_checkpoint
 from pwf_core.config import DataConfig, ExperimentConfig, config_to_dict, parse_config
 from pwf_core.data import ImageDataset, InputContract, load_dataset
@@ -28,7 +28,7 @@ from pwf_core.methods.base import history
 from pwf_core.metrics import reliability_bins
 from pwf_core.onnx_export import check_onnx, export_onnx
 from pwf_core.pretrain import build_experiment_model, model_spec, pretrain
-from pwf_flows.artifacts import ExperimentFiles, pretrain_key
+from pwf_flows.artifacts import ExperimentFiles, pretrain_key, usable_checkpoint
 from pwf_flows.distributed import lead, share_state
 from pwf_flows.plots import accuracy_vs_unique_values, draw_figure, reliability_diagram
 
@@ -72,7 +72,7 @@ def pretrain_task(config: dict[str, Any], artifacts_dir: str, progress: bool = T
     cfg = parse_config(config)
     path = ExperimentFiles.for_config(cfg, artifacts_dir).pretrained_model
     logger = get_run_logger()
-    if is_complete_safetensors(path):
+    if usable_checkpoint(path, logger.warning):
         header = read_checkpoint_header(path)
         logger.info("reusing cached pretraining %s (key %s)", path, pretrain_key(cfg))
         acc = header["test_metrics"]["cls/acc"]

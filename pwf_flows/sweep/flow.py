@@ -19,12 +19,14 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from pwf_core._files import file_lock, write_text_atomic
+from pwf_core.errors import ConfigError
 from pwf_flows.environment import configure_environment
 from pwf_flows.infra import set_infra_timeout
+from pwf_flows.orphans import release, take_over_sweep
 from pwf_flows.sweep.driver import Driver
 from pwf_flows.sweep.notes import describe_sweep
 from pwf_flows.sweep.report import method_label, report_sweep, trials_table
-from pwf_flows.sweep.spec import SweepSpec, dump_spec, load_sweep, masked_url
+from pwf_flows.sweep.spec import SweepSpec, dump_spec, load_sweep, masked_url, sweep_name
 from pwf_flows.sweep.study import TRIAL_TAG, open_study, trials_in
 from pwf_flows.tracking import (
     RunTracker,
@@ -37,7 +39,17 @@ from pwf_flows.tracking import client as mlflow_client
 
 
 def _run_name() -> str:
-    return f"sweep-{Path(str(flow_run.parameters.get('sweep', 'sweep'))).stem}"
+    """``sweep-<name>``: the study's name, as an override (``--set name=...``) or the file
+    gives it, which is also its MLflow experiment's."""
+    parameters = flow_run.parameters
+    path = Path(str(parameters.get("sweep", "sweep")))
+    name = (parameters.get("overrides") or {}).get("name")
+    if name is None:
+        try:
+            name = sweep_name(path)
+        except ConfigError:
+            name = path.stem
+    return f"sweep-{name}"
 
 
 @flow(name="pwf", flow_run_name=_run_name, log_prints=True)
@@ -72,6 +84,24 @@ def pwf(
         spec.n_trials,
     )
     folder = Path(spec.execution.artifacts_dir).resolve() / "sweeps" / spec.name
+    record, crashed = take_over_sweep(folder)
+    if crashed:
+        logger.info("marked CRASHED what a killed driver left running: %s", crashed)
+    try:
+        return _sweep(spec, study, folder, trial_deployment, progress)
+    finally:
+        release(record)
+
+
+def _sweep(
+    spec: SweepSpec,
+    study: optuna.Study,
+    folder: Path,
+    trial_deployment: str | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """The sweep's body: its parent run, the trials, the report."""
+    logger = get_run_logger()
     run_name = f"sweep-{spec.name}"
     tags = {"kind": "sweep", "sampler": spec.sampler, "optuna.study": spec.name}
     parent_id = _parent_run(study, spec, folder, run_name, tags)
@@ -101,7 +131,7 @@ def pwf(
         runs = [] if table.empty else table["mlflow_run_id"].dropna().tolist()
         describe_sweep(parent, study, spec, _about(spec), runs)  # now with the comparison
         timing = _timing(earlier, time.perf_counter() - started, driver.compute_s)
-        parent.log_metrics(timing)
+        parent.log_latest(timing)  # totals over every session that worked on the sweep
     logger.info(
         "sweep %s: %d complete trials, Pareto front:\n%s",
         spec.name,

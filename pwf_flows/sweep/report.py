@@ -146,7 +146,7 @@ def report_sweep(
             "importance (PED-ANOVA, normalised)",
         )
         parent.log_artifact(path, "plots")
-    parent.log_metrics(summary)
+    parent.log_latest(summary)  # a continued sweep's summary at a step of its own
     if not table.empty:
         publish_comparison(spec, parent, folder)
     return table

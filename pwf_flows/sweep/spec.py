@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from pwf_core._files import sqlite_file_problem
 from pwf_core.config import (
     ConfigError,
     ExperimentConfig,
@@ -66,6 +67,19 @@ def masked_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except ArgumentError:
         return url
+
+
+# A database that accepts a connection and never answers must not hold a command for minutes:
+# every connection attempt gives up after this long (psycopg and PyMySQL read it).
+CONNECT_TIMEOUT_S = 10
+
+
+def connect_args(url: str, timeout_s: float = CONNECT_TIMEOUT_S) -> dict[str, Any]:
+    """The DBAPI connection arguments for a study database at ``url``: a bounded connection
+    attempt (a SQLite file instead waits up to a minute for another writer's lock)."""
+    if url.startswith("sqlite"):
+        return {"timeout": 60}
+    return {"connect_timeout": max(1, math.ceil(timeout_s))}
 
 
 def expand_storage(url: str) -> str:
@@ -206,9 +220,9 @@ class StudySpec(_Strict):
         if parsed.get_backend_name() == "sqlite":
             if not parsed.database:
                 raise ValueError(f"sqlite storage '{shown}' names no file")
-            folder = Path(parsed.database).expanduser().resolve().parent
-            if not folder.is_dir():
-                raise ValueError(f"folder '{folder}' of sqlite storage '{shown}' does not exist")
+            problem = sqlite_file_problem(Path(parsed.database).expanduser().resolve())
+            if problem is not None:
+                raise ValueError(f"sqlite storage '{shown}': {problem}")
         return url
 
     @property

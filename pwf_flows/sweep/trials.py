@@ -26,7 +26,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from pwf_flows.infra import StudyStorageUnavailable, is_transient, retry_transient
-from pwf_flows.sweep.spec import expand_storage, masked_url
+from pwf_flows.sweep.spec import connect_args, expand_storage, masked_url
 from pwf_flows.tracking import sqlite_creation_lock
 
 MAX_RETRIES = 3
@@ -130,10 +130,9 @@ def storage_for(url: str, heartbeat_s: int) -> RetryingStorage:
     Raises:
         StudyStorageUnavailable: when the database stays unreachable past the outage budget.
     """
-    if url.startswith("sqlite"):
-        engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
-    else:  # a connection the server dropped (a restart) is replaced, not handed out broken
-        engine_kwargs = {"pool_pre_ping": True}
+    engine_kwargs: dict[str, Any] = {"connect_args": connect_args(url)}
+    if not url.startswith("sqlite"):  # a connection the server dropped (a restart) is
+        engine_kwargs["pool_pre_ping"] = True  # replaced, not handed out broken
 
     def connect() -> RetryingStorage:
         with sqlite_creation_lock(url), quiet_optuna():
