@@ -20,6 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from tests._dummies.mlflow_store import assert_logged_once
 from tests._dummies.postgres import PASSWORD, Postgres
 from tests._dummies.services import (
     Services,
@@ -172,6 +173,7 @@ def test_two_workers_run_trials_at_once_exactly_once(cluster):
     assert (cluster.workdir / "mlartifacts").is_dir()
     # The study's password never reached Prefect's parameters.
     assert all(PASSWORD not in json.dumps(r["parameters"]) for r in runs)
+    assert_logged_once(cluster.postgres.url("mlflow"))
 
 
 SLOW = {"compression.schedule": [0.2, 0.4, 0.6, 0.8, 1.0], "train.epochs": 3.0}
@@ -221,10 +223,12 @@ def test_a_killed_worker_trial_is_retried_and_resumes(cluster):
     retried = next(t for t in complete if t.params == lost.params)  # ... and retried
     _, children = mlflow_children(cluster, name)
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert_logged_once(cluster.postgres.url("mlflow"))
     resumed = next(c for c in children if c.info.run_id == retried.user_attrs["mlflow_run_id"])
     assert resumed.data.tags["resumed_at"].startswith("round ")  # from the lost run's checkpoint
     states = {r["id"]: r["state"]["type"] for r in flow_runs_of_study(cluster, name)}
     assert states[lost.user_attrs["prefect_flow_run_id"]] == "CRASHED"
+    assert_logged_once(cluster.postgres.url("mlflow"))  # the resumed trial logged nothing twice
 
 
 def test_a_rerun_driver_adopts_trials_still_running_on_workers(cluster):
@@ -253,3 +257,4 @@ def test_a_rerun_driver_adopts_trials_still_running_on_workers(cluster):
     parents, children = mlflow_children(cluster, name)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert_logged_once(cluster.postgres.url("mlflow"))

@@ -127,11 +127,12 @@ def _sweep(
             driver.run_on_pool(trial_deployment, deadline)
         else:
             driver.run_in_process(deadline)
-        table = report_sweep(study, spec, parent, folder)
-        runs = [] if table.empty else table["mlflow_run_id"].dropna().tolist()
-        describe_sweep(parent, study, spec, _about(spec), runs)  # now with the comparison
-        timing = _timing(earlier, time.perf_counter() - started, driver.compute_s)
-        parent.log_latest(timing)  # totals over every session that worked on the sweep
+        with file_lock(folder / ".parent.lock"):  # drivers sharing the study log in turn
+            table = report_sweep(study, spec, parent, folder)
+            runs = [] if table.empty else table["mlflow_run_id"].dropna().tolist()
+            describe_sweep(parent, study, spec, _about(spec), runs)  # now with the comparison
+            timing = _timing(earlier, time.perf_counter() - started, driver.compute_s)
+            parent.log_latest(timing)  # totals over every session that worked on the sweep
     logger.info(
         "sweep %s: %d complete trials, Pareto front:\n%s",
         spec.name,
