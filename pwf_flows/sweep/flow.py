@@ -168,7 +168,8 @@ def _start_parent(parent: RunTracker, study: optuna.Study, spec: SweepSpec, fold
             "sweep.base": spec.base.name,
         }
     )
-    describe_sweep(parent, study, spec, _about(spec))
+    with file_lock(folder / ".parent.lock"):  # drivers sharing the study write its note in turn
+        describe_sweep(parent, study, spec, _about(spec))
     closed = close_orphaned_runs(study, spec.name, parent.run_id)
     if closed:
         get_run_logger().info("closed MLflow runs left RUNNING by a stopped driver: %s", closed)

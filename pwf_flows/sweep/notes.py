@@ -64,6 +64,9 @@ def describe_sweep(
 ) -> None:
     """The sweep's description in MLflow and its study note in optuna-dashboard.
 
+    Drivers sharing a study call this in turn (the note is study attributes that two writers
+    would both insert).
+
     Args:
         parent: The sweep's MLflow parent run.
         study: The sweep's study.
