@@ -22,7 +22,6 @@ import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import time
 import urllib.error
 import urllib.request
@@ -197,14 +196,13 @@ def _prefect(home: Path, port: int) -> Service:
 def _optuna(storage: str, port: int) -> Service:
     from pwf_flows.sweep.spec import expand_storage, masked_url
 
-    command = Path(sysconfig.get_path("scripts")) / "optuna-dashboard"
-    if not command.is_file():
-        raise UIError(f"no optuna-dashboard beside this Python ({command}): reinstall pwf")
     url = expand_storage(storage)
     return Service(
         OPTUNA_UI,
         [
-            str(command),
+            sys.executable,
+            "-m",
+            "optuna_dashboard._cli",  # what the optuna-dashboard command runs, in this Python
             url,
             "--host",
             HOST,
