@@ -43,8 +43,11 @@ def code_version() -> str:
 
 
 def pretrain_key(config: ExperimentConfig) -> str:
-    """What determines pretraining: model, data, pretrain settings, seed and code."""
-    return config_hash(config.model, config.data, config.pretrain, config.seed, code_version())
+    """What determines pretraining: model, data, pretrain settings, its seed and code (so the
+    replicates of an experiment, and every method on the same base, share one)."""
+    return config_hash(
+        config.model, config.data, config.pretrain, config.pretrain_seed, code_version()
+    )
 
 
 def run_key(config: ExperimentConfig) -> str:
@@ -70,6 +73,12 @@ def usable_checkpoint(path: Path, warn: Callable[[str], None] | None = None) -> 
     if warn is not None:
         warn(f"{path} is damaged or incomplete; moved aside as {path.name}.corrupt")
     return False
+
+
+def setting_key(config: ExperimentConfig) -> str:
+    """What every replicate of an experiment shares: its run key with the replicate left out
+    (the report groups replicates by it; its ``seed`` and replicate index pair them)."""
+    return run_key(config.model_copy(update={"replicate": type(config.replicate)()}))
 
 
 @dataclass(frozen=True)

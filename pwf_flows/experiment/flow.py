@@ -26,7 +26,7 @@ from pwf_core.config import ExperimentConfig, config_to_dict, flatten_config, pa
 from pwf_core.distributed import world_size
 from pwf_core.methods import Method, Step, StepRecord
 from pwf_core.registry import create_method
-from pwf_flows.artifacts import ExperimentFiles, run_key, usable_checkpoint
+from pwf_flows.artifacts import ExperimentFiles, run_key, setting_key, usable_checkpoint
 from pwf_flows.environment import configure_environment
 from pwf_flows.experiment.summary import artifact_key, default_run_name, description, markdown
 from pwf_flows.experiment.tasks import (
@@ -238,10 +238,13 @@ def _tags(request: _Request, about: str) -> dict[str, str]:
     cfg = request.cfg
     return {
         **standard_tags(request.source, about),
+        "kind": "experiment",
         "method": cfg.compression.method,
         "model": cfg.model.name,
         "dataset": cfg.data.name,
         "run_key": run_key(cfg),
+        "setting": setting_key(cfg),
+        "replicate": str(cfg.replicate.index),
         "artifacts": str(request.files.root),
         **request.tags,
     }
@@ -335,6 +338,8 @@ def _pretrained_acc(files: ExperimentFiles) -> float | None:
 
 def _record_results(tracker: RunTracker, files: ExperimentFiles, summary: dict) -> None:
     tracker.log_metrics({f"final/{k}": v for k, v in summary["metrics"].items()})
+    # the size knobs as the run resolved them (b=5 where the config said auto)
+    tracker.log_params({f"knob.{k}": v for k, v in summary.get("knobs", {}).items()})
     tracker.log_artifact(files.config)
     for path in map(Path, summary["outputs"].values()):
         tracker.log_artifact(path, ARTIFACT_FOLDERS[path.suffix])
