@@ -121,6 +121,11 @@ class ExperimentFiles:
         return self.final / "summary.json"
 
     @property
+    def early_stopped(self) -> Path:
+        """Where a sweep trial stopped early by its rule says so (no final/ follows)."""
+        return self.root / "early_stopped.json"
+
+    @property
     def lock_folder(self) -> Path:
         """Where the one-process-per-experiment lock lives (see :mod:`pwf_flows.run_lock`)."""
         return self.root
@@ -168,6 +173,12 @@ class ExperimentFiles:
         for number, path in self.checkpoints():
             if number < finished:
                 path.unlink(missing_ok=True)
+
+    def remove_checkpoints(self) -> None:
+        """Remove every checkpoint (a run nobody will resume: stopped early)."""
+        self.init.unlink(missing_ok=True)
+        for _, path in self.checkpoints():
+            path.unlink(missing_ok=True)
 
     def clear_outputs(self) -> None:
         """Remove this experiment's files but its lock (its MLflow run is left as it is)."""

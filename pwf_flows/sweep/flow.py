@@ -24,9 +24,10 @@ from pwf_flows.environment import configure_environment
 from pwf_flows.infra import set_infra_timeout
 from pwf_flows.orphans import release, take_over_sweep
 from pwf_flows.sweep.driver import Driver
+from pwf_flows.sweep.pool import PoolRunner
 from pwf_flows.sweep.report import method_label, report_sweep, trials_table
 from pwf_flows.sweep.spec import SweepSpec, dump_spec, load_sweep, masked_url, sweep_name
-from pwf_flows.sweep.study import TRIAL_TAG, open_study, trials_in
+from pwf_flows.sweep.study import TRIAL_TAG, open_study, trials_done, trials_in
 from pwf_flows.tracking import (
     RunTracker,
     experiment_id,
@@ -122,13 +123,13 @@ def _sweep(
     with tracked_run(spec.name, run_name, tags, resume_run_id=parent_id) as parent:
         _start_parent(parent, study, spec, folder)
         earlier = parent.logged_metrics()
-        driver = Driver(study, spec, parent.run_id, progress)
+        driver = Driver(study, spec, parent.run_id, progress, folder)
         if trial_deployment:
-            driver.run_on_pool(trial_deployment, deadline)
+            PoolRunner(driver, trial_deployment).run(deadline)
         else:
             driver.run_in_process(deadline)
         table = report_sweep(study, spec, parent, folder)
-        timing = _timing(earlier, time.perf_counter() - started, driver.compute_s)
+        timing = _timing(earlier, time.perf_counter() - started, driver)
         parent.log_latest(timing)  # totals over every session that worked on the sweep
     logger.info(
         "sweep %s: %d complete trials, Pareto front:\n%s",
@@ -183,14 +184,17 @@ def _report_link(parent: RunTracker) -> str:
     return f"{parent.url}/artifacts/report/report.html"
 
 
-def _timing(earlier: dict[str, float], wall_s: float, compute_s: float) -> dict[str, float]:
-    """The sweep's timings over every session that worked on it (a continued sweep adds)."""
+def _timing(earlier: dict[str, float], wall_s: float, driver: Driver) -> dict[str, float]:
+    """The sweep's timings over every session that worked on it (a continued sweep adds), and
+    what early stopping saved (an estimate: the stopped trials' remaining rounds)."""
     wall = earlier.get("sweep/wall_s", 0.0) + wall_s
-    compute = earlier.get("sweep/compute_s", 0.0) + compute_s
+    compute = earlier.get("sweep/compute_s", 0.0) + driver.compute_s
     return {
         "sweep/wall_s": wall,
         "sweep/compute_s": compute,
         "sweep/orchestration_s": wall - compute,
+        "sweep/early_stopped": earlier.get("sweep/early_stopped", 0.0) + driver.stopped_early,
+        "sweep/saved_s": earlier.get("sweep/saved_s", 0.0) + driver.saved_s,
     }
 
 
@@ -211,11 +215,14 @@ def _sweep_result(
 def _finished_sweep(study: optuna.Study, spec: SweepSpec, parent_id: str) -> dict | None:
     """The result of a sweep that is done and reported, else ``None``.
 
-    Done: ``n_trials`` complete trials, none running, and a FINISHED parent run whose report
-    counted them all. Such a sweep is left as it is, timings and links included.
+    Done: ``n_trials`` trials done (complete, or stopped early), none running, and a FINISHED
+    parent run whose report counted the complete ones. Such a sweep is left as it is, timings
+    and links included.
     """
     complete = trials_in(study, TrialState.COMPLETE)
-    if len(complete) < spec.n_trials or trials_in(study, TrialState.RUNNING, TrialState.WAITING):
+    if len(trials_done(study)) < spec.n_trials or trials_in(
+        study, TrialState.RUNNING, TrialState.WAITING
+    ):
         return None
     parent = find_run(spec.name, parent_id)
     if parent is None or parent.info.status != "FINISHED":
@@ -224,7 +231,8 @@ def _finished_sweep(study: optuna.Study, spec: SweepSpec, parent_id: str) -> dic
     if metrics.get("sweep/complete_trials") != float(len(complete)):
         return None
     tracker = RunTracker.reopened(spec.name, parent_id)
-    timing = {k: v for k, v in metrics.items() if k in ("sweep/wall_s", "sweep/compute_s")}
+    kept = ("sweep/wall_s", "sweep/compute_s", "sweep/early_stopped", "sweep/saved_s")
+    timing = {k: v for k, v in metrics.items() if k in kept}
     timing["sweep/orchestration_s"] = timing.get("sweep/wall_s", 0.0) - timing.get(
         "sweep/compute_s", 0.0
     )
