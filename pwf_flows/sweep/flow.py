@@ -242,13 +242,14 @@ def _finished_sweep(study: optuna.Study, spec: SweepSpec, parent_id: str) -> dic
 
 
 def close_orphaned_runs(study: optuna.Study, experiment: str, parent_run_id: str) -> list[str]:
-    """End the trial runs a stopped driver left RUNNING (FINISHED if their trial completed).
+    """End the trial runs a stopped driver left RUNNING (FINISHED if their trial completed),
+    replicates' runs under a trial's run included.
 
-    A trial that is still running (this study's heartbeats say so) keeps its run; a trial that
-    is queued again reopens its run when it runs, whatever its status now.
+    A trial that is still running (this study's heartbeats say so) keeps its runs; a trial
+    that is queued again reopens its runs when it runs, whatever their status now.
     """
     client = mlflow_client()
-    running = f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    running = f"tags.sweep = '{experiment}' and attributes.status = 'RUNNING'"
     runs = retried(
         lambda: client.search_runs([experiment_id(client, experiment)], filter_string=running),
         "search runs",
@@ -256,11 +257,13 @@ def close_orphaned_runs(study: optuna.Study, experiment: str, parent_run_id: str
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     closed = []
     for run in runs:
+        if run.info.run_id == parent_run_id:
+            continue
         number = run.data.tags.get(TRIAL_TAG)
         state = states.get(int(number)) if number is not None and number.isdigit() else None
         if state == TrialState.RUNNING:
             continue
-        status = "FINISHED" if state == TrialState.COMPLETE else "FAILED"
+        status = "FINISHED" if state in (TrialState.COMPLETE, TrialState.PRUNED) else "FAILED"
         RunTracker(run.info.run_id, run.info.experiment_id, client).finish(status)
         closed.append(run.info.run_id)
     return closed
