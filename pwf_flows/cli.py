@@ -132,6 +132,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the study's trials and Pareto front, run nothing",
     )
+    sweep.add_argument(
+        "--replay",
+        action="store_true",
+        help="apply the sweep's early-stopping rule (study.early_stopping, or the default one) "
+        "to the study's recorded rounds: which trials it would have stopped, the compute it "
+        "would have saved, whether the Pareto front would have lost a trial; run nothing",
+    )
     report = commands.add_parser(
         "report", help="compare finished runs: HTML page, figures and tables from MLflow"
     )
@@ -336,6 +343,11 @@ def sweep_command(args: argparse.Namespace) -> int:
     spec = load_sweep(args.sweep, overrides)
     check_tracking_uri()
     args.artifacts_folder = check_artifacts_dir(spec.execution.artifacts_dir)
+    if args.replay:
+        from pwf_flows.sweep.report import replay_report  # imports Optuna: after validation
+
+        print(replay_report(spec))
+        return 0
     if args.report:
         from pwf_flows.sweep.report import pareto_report  # imports Optuna: after validation
 

@@ -121,3 +121,25 @@ def test_early_stopping_and_replicates_are_validated_with_the_sweep(tmp_path):
         sweep("  early_stopping: {margins: {nll: 0.1}}\n")
     with pytest.raises(ConfigError, match="replicates"):
         sweep("  replicates: 0\n")
+
+
+def test_pwf_sweep_replay_prints_what_the_rule_would_have_stopped(tmp_path, capsys):
+    from pwf_flows.cli import main as pwf_main
+
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, directions=ACC_UV)
+    good = {0: [[0.90, 30, 1.0], [0.95, 30, 2.0], [0.97, 32, 3.0]]}
+    bad = {0: [[0.80, 50, 1.5], [0.85, 50, 3.0], [0.86, 55, 4.5]]}
+    for trial in (_trial(0, good, 0, 10), _trial(1, bad, 20, 30)):
+        study.add_trial(trial)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(
+        f"name: s\nbase: {DEFAULT_CONFIG}\nspace:\n  compression.b: {{int: [4, 6]}}\n"
+        f"study:\n  n_trials: 2\n  storage: {storage}\n"
+        "  early_stopping: {from_round: 2, min_dominating: 1, margins: {accuracy: 0.01}}\n"
+    )
+    assert pwf_main(["sweep", str(path), "--replay"]) == 0
+    out = capsys.readouterr().out
+    assert "the sweep's rule (from round 2, beaten by at least 1 completed trials" in out
+    assert "trial 1: stopped after round 2, beaten by trials [0]" in out
+    assert "compute: 8 s recorded, 2 s saved (20 %); no Pareto-optimal trial lost" in out
