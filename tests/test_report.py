@@ -14,13 +14,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from scipy import stats
 
+from pwf_core.config import config_to_dict, load_config
 from pwf_flows.cli import main as pwf_main
+from pwf_flows.experiment import pwf_experiment
+from pwf_flows.report import Selection, build_report
 from tests._dummies.services import free_port
 from tests.conftest import ROOT
 from tests.test_report_page import assert_no_wrapped_cells, chromium
@@ -71,13 +76,43 @@ def methods_report(methods_sweep) -> Path:
 
 
 def trial_runs(uri: str) -> list:
+    """The sweep's experiment runs (the replicates run after it stand apart, outside it)."""
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("methods")
     return [
         run
         for run in client.search_runs([experiment.experiment_id])
         if run.data.tags.get("kind") not in ("sweep", "trial")
+        and "mlflow.parentRunId" in run.data.tags
     ]
+
+
+REPLICATED = ("kmeans", "pwfn")
+
+
+@pytest.fixture(scope="module")
+def replicated(methods_sweep) -> dict[str, list]:
+    """Replicates 1 and 2 of the sweep's k-means and PWFN trials, run by the experiment flow
+    from each trial's own config (same pretrained model, compression reseeded); every run of
+    those two settings, by method."""
+    folder, uri, _ = methods_sweep
+    trials = {run.data.tags["method"]: run for run in trial_runs(uri)}
+    for method in REPLICATED:
+        path = Path(trials[method].data.tags["artifacts"]) / "config.yaml"
+        for index in (1, 2):
+            pwf_experiment(
+                config=config_to_dict(load_config(path, {"replicate.index": index})),
+                artifacts_dir=str(folder / "artifacts"),
+                progress=False,
+            )
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("methods").experiment_id
+    return {
+        method: client.search_runs(
+            [experiment], f"tags.setting = '{trials[method].data.tags['setting']}'"
+        )
+        for method in REPLICATED
+    }
 
 
 def _csv(path: Path) -> list[dict[str, str]]:
@@ -227,6 +262,47 @@ def test_the_page_renders_in_a_headless_browser_with_mlflows_numbers(
         assert shot.size[0] >= 1000 and shades is not None and len(shades) > 20  # not blank
     if os.environ.get("PWF_UPDATE_SCREENSHOT"):  # how docs/report.png is made
         shutil.copy(tmp_path / "report.png", SCREENSHOT)
+
+
+def test_real_replicates_are_summarised_and_paired_as_scipy_computes_them(
+    methods_sweep, replicated
+):
+    _, uri, _ = methods_sweep
+    report = build_report(
+        MlflowClient(uri), Selection(experiments=("methods",)), "t", "test", reference="kmeans"
+    )
+    settings = {s.method: s for group in report.settings.values() for s in group}
+    for method, runs in replicated.items():
+        assert len(runs) == 3 and settings[method].n == 3
+        indices = sorted(run.data.params["replicate.index"] for run in runs)
+        assert indices == ["0", "1", "2"]  # one pretrained model: the compression reseeded
+        top1 = np.array([run.data.metrics["final/cls/acc"] for run in runs])
+        sd = np.std(top1, ddof=1)
+        half = stats.t.ppf(0.975, 2) * sd / np.sqrt(3)
+        summary = settings[method].stats["cls/acc"]
+        assert (summary.mean, summary.sd) == pytest.approx((top1.mean(), sd))
+        assert (summary.low, summary.high) == pytest.approx(
+            (top1.mean() - half, top1.mean() + half)
+        )
+
+    def by_replicate(runs):
+        return {r.data.params["replicate.index"]: r.data.metrics["final/cls/acc"] for r in runs}
+
+    pwfn, kmeans = by_replicate(replicated["pwfn"]), by_replicate(replicated["kmeans"])
+    a, b = np.array([pwfn[i] for i in "012"]), np.array([kmeans[i] for i in "012"])
+    (rows,) = report.budgets.values()
+    comparison = next(  # at the smallest budget both are within
+        row.comparison
+        for row in rows
+        if row.setting is settings["pwfn"] and row.reference is settings["kmeans"]
+    )
+    assert comparison.n == 3 and comparison.mean == pytest.approx(np.mean(a - b))
+    assert len(set(a)) > 1  # the replicates differ: their compression was reseeded
+    test = stats.ttest_rel(a, b)
+    assert comparison.p_t == pytest.approx(test.pvalue, nan_ok=True)
+    assert comparison.p_wilcoxon == pytest.approx(stats.wilcoxon(a, b).pvalue)
+    interval = test.confidence_interval(0.95)
+    assert (comparison.low, comparison.high) == pytest.approx((interval.low, interval.high))
 
 
 BAD = {

@@ -33,6 +33,7 @@ from pwf_flows.report.page import Panel, render
 from pwf_flows.report.statistics import (
     ACCURACY,
     DEFAULT_BUDGETS,
+    BudgetRow,
     Setting,
     budget_rows,
     methods_in,
@@ -68,6 +69,7 @@ class Report:
     Args:
         runs: Every run it covers.
         settings: Those runs as settings (replicates grouped), by panel.
+        budgets: The table "top-1 at <= K values" of each panel.
         reference: The method the others are compared against.
         html: The page.
         front_png: The accuracy-against-unique-values figure.
@@ -80,6 +82,7 @@ class Report:
 
     runs: list[ReportRun]
     settings: dict[str, list[Setting]]
+    budgets: dict[str, list[BudgetRow]]
     reference: str
     html: str
     front_png: bytes
@@ -171,6 +174,7 @@ def build_report(
     return Report(
         runs=runs,
         settings=settings,
+        budgets={panel.title: panel.budgets for panel in shown},
         reference=reference,
         html=render(title, source, shown, reference, front_svg, reliability_svg, named),
         front_png=front_png,
@@ -179,7 +183,7 @@ def build_report(
         markdown=_markdown(shown, reference),
         latex=to_latex(
             settings,
-            {p.title: p.budgets for p in shown},
+            {panel.title: panel.budgets for panel in shown},
             {p.title: p.resolution for p in shown},
             reference,
         ),

@@ -143,7 +143,12 @@ class Setting:
 
     @property
     def knobs(self) -> dict[str, str]:
-        return self.runs[0].knobs
+        """The size knobs as the replicates resolved them (``b=5/6`` where they differ)."""
+        keys = dict.fromkeys(key for run in self.runs for key in run.knobs)
+        return {
+            key: "/".join(dict.fromkeys(run.knobs[key] for run in self.runs if key in run.knobs))
+            for key in keys
+        }
 
     @property
     def knobs_text(self) -> str:
