@@ -165,6 +165,17 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--one-panel", action="store_true", help="all runs in one panel (one dataset only)"
     )
+    report.add_argument(
+        "--reference",
+        metavar="METHOD",
+        help="the method the others are compared against (default: the first by name)",
+    )
+    report.add_argument(
+        "--budgets",
+        metavar="K,K,...",
+        default="8,16,32,64",
+        help="compare methods at these counts of shared values at most (default: 8,16,32,64)",
+    )
     export = commands.add_parser(
         "export", help="write a compressed model as ONNX (codebook + indices) and check it"
     )
@@ -409,8 +420,10 @@ def report_command(args: argparse.Namespace) -> int:
     an empty selection, a tracking URI that does not answer) ends in one line and exit 2,
     before anything is written."""
     from pwf_flows.report.collect import ReportError, Selection
+    from pwf_flows.report.statistics import parse_budgets
     from pwf_flows.report.store import open_store
 
+    budgets = parse_budgets(args.budgets)
     sweep = args.sweep
     if sweep is not None and sweep.endswith((".yaml", ".yml")):
         from pwf_flows.sweep.spec import sweep_name
@@ -425,12 +438,13 @@ def report_command(args: argparse.Namespace) -> int:
     client, source = open_store(args.tracking_uri)
     from pwf_flows.report import build_report, write_report
 
-    report = build_report(client, selection, title, source)
+    report = build_report(client, selection, title, source, args.reference, budgets)
     paths = write_report(report, folder)
     print(
-        f"pwf report: {len(report.runs)} runs\n"
-        + "".join(f"  {name + ':':<12}{path}\n" for name, path in paths.items())
-        + f"  open:       file://{paths['html'].resolve()}"
+        f"pwf report: {len(report.runs)} runs in "
+        f"{sum(map(len, report.settings.values()))} settings, against {report.reference}\n"
+        + "".join(f"  {name + ':':<13}{path}\n" for name, path in paths.items())
+        + f"  open:        file://{paths['html'].resolve()}"
     )
     return 0
 
