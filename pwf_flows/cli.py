@@ -285,7 +285,7 @@ def _results(configs: list, artifacts: str, args: argparse.Namespace) -> list[di
 
 
 def _run_replicates(configs: list, artifacts: str, args: argparse.Namespace) -> int:
-    from pwf_flows.sweep.replicates import Summary
+    from pwf_flows.report.statistics import summarize
     from pwf_flows.tracking import shown_uri
 
     started = time.perf_counter()
@@ -302,10 +302,10 @@ def _run_replicates(configs: list, artifacts: str, args: argparse.Namespace) -> 
     ):
         values = [r["metrics"][key] for r in results if key in r["metrics"]]
         if values:
-            s = Summary.of([scale * v for v in values])
+            s = summarize([scale * v for v in values])
             summaries.append(
-                f"  {label}: {s.mean:.2f}{unit} ± {s.std:.2f} (95 % interval "
-                f"{s.ci_low:.2f} to {s.ci_high:.2f}, n = {s.n})"
+                f"  {label}: {s.mean:.2f}{unit} ± {s.sd:.2f} (95 % interval "
+                f"{s.low:.2f} to {s.high:.2f}, n = {s.n})"
             )
     first = results[0]
     print(

@@ -14,7 +14,7 @@ from scipy import stats
 
 from pwf_core.config import ConfigError
 from pwf_flows.sweep.early_stopping import Rule, dominating, mean_point, replay, rounds_key
-from pwf_flows.sweep.replicates import Summary, summarise
+from pwf_flows.sweep.replicates import summarise, summary_attrs, summary_metrics
 from pwf_flows.sweep.spec import EarlyStoppingSpec, load_sweep
 from tests.conftest import DEFAULT_CONFIG
 
@@ -89,18 +89,17 @@ def test_replay_stops_what_the_rule_would_have_stopped_and_counts_the_compute():
 
 def test_replicates_are_summarised_with_the_student_t_interval():
     values = [0.90, 0.92, 0.94]
-    summary = Summary.of(values)
+    (summary,) = summarise([{"cls/acc": v} for v in values]).values()
     low, high = stats.t.interval(0.95, 2, loc=0.92, scale=stats.sem(values))
     assert summary.mean == pytest.approx(0.92)
-    assert summary.std == pytest.approx(0.02)
-    assert (summary.ci_low, summary.ci_high) == pytest.approx((low, high))
-    assert summary.ci_high - summary.mean == pytest.approx(4.302652729911275 * 0.02 / math.sqrt(3))
-    single = Summary.of([0.9])
-    assert (
-        single.n == 1
-        and math.isnan(single.std)
-        and single.attrs("accuracy")["accuracy_ci95"] is None
-    )
+    assert summary.sd == pytest.approx(0.02)
+    assert (summary.low, summary.high) == pytest.approx((low, high))
+    assert summary.high - summary.mean == pytest.approx(4.302652729911275 * 0.02 / math.sqrt(3))
+    assert summary_attrs("accuracy", summary)["accuracy_ci95"] == pytest.approx([low, high])
+    assert summary_metrics("final/cls/acc", summary)["final/cls/acc/ci_high"] == pytest.approx(high)
+    (single,) = summarise([{"cls/acc": 0.9}]).values()
+    assert single.n == 1 and math.isnan(single.sd)
+    assert summary_attrs("accuracy", single)["accuracy_ci95"] is None
     both = summarise([{"cls/acc": 0.9, "x": 1.0}, {"cls/acc": 0.8}])
     assert set(both) == {"cls/acc"} and both["cls/acc"].n == 2
 

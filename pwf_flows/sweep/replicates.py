@@ -20,71 +20,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from scipy import stats
-
 from pwf_core._files import write_text_atomic
 from pwf_core.config import ExperimentConfig, flatten_config
 from pwf_flows.artifacts import setting_key
+from pwf_flows.report.statistics import Summary, summarize_columns
 from pwf_flows.sweep.spec import OBJECTIVES, SweepSpec
 from pwf_flows.tracking import RunTracker
 
-CONFIDENCE = 0.95
+
+def _plain(value: float) -> float | None:
+    return None if math.isnan(value) else value
 
 
-@dataclass(frozen=True)
-class Summary:
-    """Replicates of one metric: mean, sample std, n and the Student-t interval of the mean.
+def summary_attrs(name: str, summary: Summary) -> dict[str, Any]:
+    """An objective's spread as Optuna user attributes (JSON: no NaN)."""
+    return {
+        f"{name}_std": _plain(summary.sd),
+        f"{name}_n": summary.n,
+        f"{name}_ci95": None if math.isnan(summary.low) else [summary.low, summary.high],
+    }
 
-    ``std`` and the interval are ``nan`` for a single replicate.
-    """
 
-    mean: float
-    std: float
-    n: int
-    ci_low: float
-    ci_high: float
-
-    @classmethod
-    def of(cls, values: Sequence[float]) -> Summary:
-        data = np.asarray(values, dtype=float)
-        n = len(data)
-        mean = float(data.mean())
-        if n < 2:
-            return cls(mean, math.nan, n, math.nan, math.nan)
-        std = float(data.std(ddof=1))
-        if std == 0.0:
-            return cls(mean, 0.0, n, mean, mean)
-        low, high = stats.t.interval(CONFIDENCE, n - 1, loc=mean, scale=stats.sem(data))
-        return cls(mean, std, n, float(low), float(high))
-
-    def attrs(self, name: str) -> dict[str, Any]:
-        """As Optuna user attributes (JSON: no NaN)."""
-
-        def plain(value: float) -> float | None:
-            return None if math.isnan(value) else value
-
-        return {
-            f"{name}_std": plain(self.std),
-            f"{name}_n": self.n,
-            f"{name}_ci95": None if math.isnan(self.ci_low) else [self.ci_low, self.ci_high],
-        }
-
-    def metrics(self, key: str) -> dict[str, float]:
-        """As MLflow metrics of the trial's run (the mean under ``key`` itself)."""
-        values = {key: self.mean}
-        if not math.isnan(self.std):
-            values |= {f"{key}/std": self.std, f"{key}/ci_low": self.ci_low}
-            values[f"{key}/ci_high"] = self.ci_high
-        return values
+def summary_metrics(key: str, summary: Summary) -> dict[str, float]:
+    """A metric's replicates as MLflow metrics of the trial's run (the mean under ``key``)."""
+    values = {key: summary.mean}
+    if not math.isnan(summary.sd):
+        values |= {f"{key}/std": summary.sd, f"{key}/ci_low": summary.low}
+        values[f"{key}/ci_high"] = summary.high
+    return values
 
 
 def summarise(results: Sequence[Mapping[str, float]]) -> dict[str, Summary]:
-    """Every metric all the replicates' final metrics share, summarised."""
+    """Every metric all the replicates' final metrics share, summarised (mean, sd, n and the
+    95 % Student-t interval: :func:`pwf_flows.report.statistics.summarize_columns`)."""
     if not results:
         return {}
-    shared = set(results[0]).intersection(*results[1:])
-    return {key: Summary.of([r[key] for r in results]) for key in sorted(shared)}
+    shared = sorted(set(results[0]).intersection(*results[1:]))
+    return summarize_columns({key: [r[key] for r in results] for key in shared})
 
 
 def objective_attrs(spec: SweepSpec, summaries: Mapping[str, Summary]) -> dict[str, Any]:
@@ -93,7 +65,7 @@ def objective_attrs(spec: SweepSpec, summaries: Mapping[str, Summary]) -> dict[s
     for name in spec.study.objectives:
         summary = summaries.get(OBJECTIVES[name].metric)
         if summary is not None:
-            attrs |= summary.attrs(name)
+            attrs |= summary_attrs(name, summary)
             attrs["replicates"] = summary.n
     return attrs
 
@@ -185,7 +157,7 @@ class TrialRun:
         """Log the replicates' aggregate (or why the trial stopped early) and end the run."""
         metrics: dict[str, float] = {}
         for key, summary in summaries.items():
-            metrics |= summary.metrics(f"final/{key}")
+            metrics |= summary_metrics(f"final/{key}", summary)
         if summaries:
             metrics["replicates/n"] = float(next(iter(summaries.values())).n)
         self.tracker.log_metrics(metrics)
