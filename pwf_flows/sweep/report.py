@@ -158,7 +158,12 @@ def publish_comparison(spec: SweepSpec, parent: RunTracker, folder: Path) -> Non
     """The sweep's trials compared (``pwf report`` of the sweep) on its parent MLflow run, and
     its table and front as artifacts of the sweep's Prefect flow run."""
     report = build_report(
-        parent.client, Selection(sweep=spec.name), f"{spec.name}: the trials compared", "MLflow"
+        parent.client,
+        Selection(sweep=spec.name),
+        f"{spec.name}: the trials compared",
+        "MLflow",
+        reference=spec.report.reference,
+        budgets=spec.report.budgets,
     )
     for path in write_report(report, folder / "report").values():
         parent.log_artifact(path, "report")

@@ -334,8 +334,30 @@ class ExecutionSpec(_Strict):
     infra_timeout_s: float | None = Field(None, gt=0)
 
 
+class ReportSpec(_Strict):
+    """How the sweep's report compares its trials (``pwf report --sweep`` takes the same).
+
+    Args:
+        reference: The method the others are compared with, paired on their shared seeds
+            (default: the first method in the report's order).
+        budgets: The counts of unique values at which the methods are compared ("top-1 at
+            <= K unique values").
+    """
+
+    reference: str | None = None
+    budgets: list[int] = Field(default_factory=lambda: [8, 16, 32, 64])
+
+    @field_validator("budgets")
+    @classmethod
+    def _positive(cls, budgets: list[int]) -> list[int]:
+        if not budgets or any(k < 1 for k in budgets):
+            raise ValueError("budgets must be a non-empty list of counts of at least 1")
+        return sorted(set(budgets))
+
+
 class SweepSpec(_Strict):
-    """A validated sweep: base config, fixed overrides, search space, study, execution."""
+    """A validated sweep: base config, fixed overrides, search space, study, execution and
+    how its report compares the trials."""
 
     name: str
     base: Path
@@ -349,6 +371,7 @@ class SweepSpec(_Strict):
     space: dict[str, Dimension]
     study: StudySpec = StudySpec()
     execution: ExecutionSpec = ExecutionSpec()
+    report: ReportSpec = ReportSpec()
 
     @field_validator("space")
     @classmethod
@@ -417,8 +440,24 @@ class SweepSpec(_Strict):
                 self.grid()
             except ValueError as err:
                 problems.append(f"  space: {err}")
+        reference = self.report.reference
+        if reference is not None and reference not in self.methods():
+            problems.append(
+                f"  report.reference: '{reference}' is not a method this sweep runs "
+                f"({', '.join(sorted(self.methods()))})"
+            )
         if problems:
             raise ConfigError("invalid sweep space:\n" + "\n".join(problems))
+
+    def methods(self) -> set[str]:
+        """The methods the sweep's trials can run: the base config's and the space's."""
+        found = {parse_config(self.base_values()).compression.method}
+        for key, dim in self.space.items():
+            if key == "compression.method":
+                found |= {str(v) for v in dim.probe_values()}
+            elif key == "compression":
+                found |= {v["method"] for v in dim.probe_values() if isinstance(v, dict)}
+        return found
 
 
 def _format(err: ValidationError, path: Path) -> str:
