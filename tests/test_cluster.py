@@ -20,6 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from pwf_flows.sweep.pool import FLOW_RUNS_ATTR
 from tests._dummies.postgres import PASSWORD, Postgres
 from tests._dummies.services import (
     Services,
@@ -131,8 +132,7 @@ def cluster(postgres, tmp_path_factory):
 
 def trial_flow_runs(cluster: Cluster, study: optuna.Study) -> list[dict]:
     """The Prefect flow runs the study's trials were submitted as (REST API)."""
-    key = "prefect_flow_run_id"
-    ids = [t.user_attrs[key] for t in study.trials if key in t.user_attrs]
+    ids = [run for t in study.trials for run in t.user_attrs.get(FLOW_RUNS_ATTR, {}).values()]
     return cluster.prefect_api("flow_runs/filter", {"flow_runs": {"id": {"any_": ids}}})
 
 
@@ -207,7 +207,8 @@ def test_a_killed_worker_trial_is_retried_and_resumes(cluster):
     cluster.wait_for(lambda: any(experiments.glob("*/step_01.safetensors")), "a finished round")
     (lost,) = cluster.study(name).get_trials(states=(TrialState.RUNNING,))
     # The worker's host goes down: the worker and the flow run it started die together.
-    kill_flow_run(cluster, lost.user_attrs["prefect_flow_run_id"])
+    (lost_run,) = lost.user_attrs[FLOW_RUNS_ATTR].values()  # one replicate
+    kill_flow_run(cluster, lost_run)
     cluster.kill("worker-gpu-0")
     cluster.kill("worker-gpu-1")
     cluster.worker("worker-gpu-2", "gpu", 1)
@@ -224,7 +225,7 @@ def test_a_killed_worker_trial_is_retried_and_resumes(cluster):
     resumed = next(c for c in children if c.info.run_id == retried.user_attrs["mlflow_run_id"])
     assert resumed.data.tags["resumed_at"].startswith("round ")  # from the lost run's checkpoint
     states = {r["id"]: r["state"]["type"] for r in flow_runs_of_study(cluster, name)}
-    assert states[lost.user_attrs["prefect_flow_run_id"]] == "CRASHED"
+    assert states[lost_run] == "CRASHED"
 
 
 def test_a_rerun_driver_adopts_trials_still_running_on_workers(cluster):
