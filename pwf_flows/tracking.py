@@ -355,10 +355,16 @@ class RunTracker:
 
     def log_latest(self, metrics: Mapping[str, float]) -> None:
         """Log values that change between sessions (a continued sweep's totals): each at the
-        step after the key's last one, unless it equals the value logged last."""
+        step after the key's last one, unless it equals the value logged last. The keys'
+        histories are read afresh (another process, a second sweep driver, may have logged
+        since); a caller that shares the run serialises these calls."""
+        logged = self._points()
+        for key in metrics:
+            history = self._call("read metrics", self.client.get_metric_history, self.run_id, key)
+            logged[key] = {m.step: m.value for m in history}
         points = []
         for key, value in metrics.items():
-            history = self._points().get(key, {})
+            history = logged[key]
             if history and history[max(history)] == float(value):
                 continue
             points.append((key, value, max(history) + 1 if history else 0))

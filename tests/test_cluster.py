@@ -241,10 +241,12 @@ def test_a_killed_worker_trial_is_retried_and_resumes(cluster):
     retried = next(t for t in complete if t.params == lost.params)  # ... and retried
     _, children = mlflow_children(cluster, name)
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert_logged_once(cluster.postgres.url("mlflow"))
     resumed = next(c for c in children if c.info.run_id == retried.user_attrs["mlflow_run_id"])
     assert resumed.data.tags["resumed_at"].startswith("round ")  # from the lost run's checkpoint
     states = {r["id"]: r["state"]["type"] for r in flow_runs_of_study(cluster, name)}
     assert states[lost_run] == "CRASHED"
+    assert_logged_once(cluster.postgres.url("mlflow"))  # the resumed trial logged nothing twice
 
 
 def test_a_rerun_driver_adopts_trials_still_running_on_workers(cluster):
@@ -273,3 +275,4 @@ def test_a_rerun_driver_adopts_trials_still_running_on_workers(cluster):
     parents, children = mlflow_children(cluster, name)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert_logged_once(cluster.postgres.url("mlflow"))

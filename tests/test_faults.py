@@ -207,11 +207,12 @@ def small_disk(path: Path, size: str):
 def fill(disk: Path) -> Path:
     """Write a file until the disk has no byte left."""
     filler = disk / "filler"
-    with filler.open("wb") as handle:
+    # Unbuffered: a buffered file would still hold bytes when it is closed, and closing it
+    # would fail with the very ENOSPC the loop stops at.
+    with filler.open("wb", buffering=0) as handle:
         try:
             while True:
                 handle.write(b"\0" * 65536)
-                handle.flush()
         except OSError as err:
             assert err.errno == errno.ENOSPC
     return filler
@@ -270,7 +271,11 @@ def test_a_second_run_of_a_running_experiment_is_refused_and_the_first_is_untouc
     first_log = tmp_path / "first.log"
     first = start(command, tmp_path, env, first_log)
     wait_while_running((files.root / "run.owner").is_file, first, "the first run's lock")
-    second = run(command, tmp_path, env)
+    first.send_signal(signal.SIGSTOP)  # it must still be running when the second one asks
+    try:
+        second = run(command, tmp_path, env)
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
     line = last_line(second.stderr)
     assert line.startswith("pwf: experiment 'twice'") and f"process {first.pid} on" in line
@@ -409,7 +414,7 @@ def test_mlflow_outages_pause_the_sweep_and_a_long_one_stops_it_for_a_rerun(
     url, up, down = mlflow_server
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     sweep = write_sweep(
-        tmp_path / "sweep.yaml", "outage", storage, tmp_path / "a", infra_timeout_s=45
+        tmp_path / "sweep.yaml", "outage", storage, tmp_path / "a", infra_timeout_s=60
     )
     environment = {**env, "MLFLOW_TRACKING_URI": url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
     command = pwf_command("sweep", str(sweep))
@@ -420,7 +425,7 @@ def test_mlflow_outages_pause_the_sweep_and_a_long_one_stops_it_for_a_rerun(
     time.sleep(2)
     up()
     wait_while_running(lambda: complete_trials(storage, "outage") >= 2, process, "a second trial")
-    down()  # an outage longer than the sweep's 45 s budget (the default is 600 s)
+    down()  # an outage longer than the sweep's 60 s budget (the default is 600 s)
     output = finish(process, log, timeout=200)
     assert process.returncode == 3, output[-3000:]
     # each outage said once, by pwf, and the libraries' retry narration quiet

@@ -128,9 +128,10 @@ def _sweep(
             PoolRunner(driver, trial_deployment).run(deadline)
         else:
             driver.run_in_process(deadline)
-        table = report_sweep(study, spec, parent, folder)
-        timing = _timing(earlier, time.perf_counter() - started, driver)
-        parent.log_latest(timing)  # totals over every session that worked on the sweep
+        with file_lock(folder / ".parent.lock"):  # drivers sharing the study log in turn
+            table = report_sweep(study, spec, parent, folder)
+            timing = _timing(earlier, time.perf_counter() - started, driver)
+            parent.log_latest(timing)  # totals over every session that worked on the sweep
     logger.info(
         "sweep %s: %d complete trials, Pareto front:\n%s",
         spec.name,
