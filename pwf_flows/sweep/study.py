@@ -157,12 +157,16 @@ def _short(value: Any) -> str:
 
 def trial_run_name(number: int, params: dict[str, Any], method: str) -> str:
     """``pwfn reg=0.00123, b=5 (trial 3)``: what differs first (the method, then what the
-    trial tried), the trial's number last, where a cut-off name still shows the rest."""
-    described = ", ".join(
-        f"{key.split('.')[-1]}={_short(value)}"
-        for key, value in params.items()
-        if value != method  # a choice of method, named by the method itself
-    )
+    trial tried), the trial's number last, where a cut-off name still shows the rest. A
+    choice of a whole section (``compression: {pwfn b=4 o=1: ...}``) shows by its label."""
+    shown = []
+    for key, value in params.items():
+        if value == method:
+            continue  # a choice of method, named by the method itself
+        shown.append(_short(value) if "." not in key else f"{key.split('.')[-1]}={_short(value)}")
+    described = ", ".join(shown)
+    if described.startswith(f"{method} "):
+        described = described[len(method) + 1 :]  # a label that starts with the method
     return " ".join(part for part in (method, described, f"(trial {number})") if part)
 
 
