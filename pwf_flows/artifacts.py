@@ -43,8 +43,11 @@ def code_version() -> str:
 
 
 def pretrain_key(config: ExperimentConfig) -> str:
-    """What determines pretraining: model, data, pretrain settings, seed and code."""
-    return config_hash(config.model, config.data, config.pretrain, config.seed, code_version())
+    """What determines pretraining: model, data, pretrain settings, its seed and code (so the
+    replicates of an experiment, and every method on the same base, share one)."""
+    return config_hash(
+        config.model, config.data, config.pretrain, config.pretrain_seed, code_version()
+    )
 
 
 def run_key(config: ExperimentConfig) -> str:
@@ -70,6 +73,12 @@ def usable_checkpoint(path: Path, warn: Callable[[str], None] | None = None) -> 
     if warn is not None:
         warn(f"{path} is damaged or incomplete; moved aside as {path.name}.corrupt")
     return False
+
+
+def setting_key(config: ExperimentConfig) -> str:
+    """What every replicate of an experiment shares: its run key with the replicate left out
+    (the report groups replicates by it; its ``seed`` and replicate index pair them)."""
+    return run_key(config.model_copy(update={"replicate": type(config.replicate)()}))
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,11 @@ class ExperimentFiles:
     @property
     def summary(self) -> Path:
         return self.final / "summary.json"
+
+    @property
+    def early_stopped(self) -> Path:
+        """Where a sweep trial stopped early by its rule says so (no final/ follows)."""
+        return self.root / "early_stopped.json"
 
     @property
     def lock_folder(self) -> Path:
@@ -159,6 +173,12 @@ class ExperimentFiles:
         for number, path in self.checkpoints():
             if number < finished:
                 path.unlink(missing_ok=True)
+
+    def remove_checkpoints(self) -> None:
+        """Remove every checkpoint (a run nobody will resume: stopped early)."""
+        self.init.unlink(missing_ok=True)
+        for _, path in self.checkpoints():
+            path.unlink(missing_ok=True)
 
     def clear_outputs(self) -> None:
         """Remove this experiment's files but its lock (its MLflow run is left as it is)."""

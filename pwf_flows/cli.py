@@ -112,6 +112,14 @@ def _parser() -> argparse.ArgumentParser:
         help="train on N processes (one per GPU; DDP, NCCL on GPUs, Gloo on CPUs)",
     )
     run.add_argument(
+        "--replicates",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the experiment under N seeds (replicate.index 0 to N-1, one pretrained model "
+        "shared) and summarise them: mean, std and 95 %% interval",
+    )
+    run.add_argument(
         "--fresh",
         action="store_true",
         help="start over even if this experiment finished (its MLflow run is kept)",
@@ -128,6 +136,13 @@ def _parser() -> argparse.ArgumentParser:
         "--report",
         action="store_true",
         help="print the study's trials and Pareto front, run nothing",
+    )
+    sweep.add_argument(
+        "--replay",
+        action="store_true",
+        help="apply the sweep's early-stopping rule (study.early_stopping, or the default one) "
+        "to the study's recorded rounds: which trials it would have stopped, the compute it "
+        "would have saved, whether the Pareto front would have lost a trial; run nothing",
     )
     report = commands.add_parser(
         "report", help="compare finished runs: HTML page, figures and tables from MLflow"
@@ -154,6 +169,17 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--title", help="the page's title (default: what it covers)")
     report.add_argument(
         "--one-panel", action="store_true", help="all runs in one panel (one dataset only)"
+    )
+    report.add_argument(
+        "--reference",
+        metavar="METHOD",
+        help="the method the others are compared against (default: the first by name)",
+    )
+    report.add_argument(
+        "--budgets",
+        metavar="K,K,...",
+        default="8,16,32,64",
+        help="compare methods at these counts of shared values at most (default: 8,16,32,64)",
     )
     export = commands.add_parser(
         "export", help="write a compressed model as ONNX (codebook + indices) and check it"
@@ -192,6 +218,14 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> int:
     set_infra_timeout(config.execution.infra_timeout_s)
     if args.nproc < 1:
         raise ConfigError(f"--nproc: must be at least 1, got {args.nproc}")
+    if not 1 <= args.replicates <= 100:
+        raise ConfigError(f"--replicates: must be 1 to 100, got {args.replicates}")
+    if args.replicates > 1 and args.nproc > 1:
+        raise ConfigError("--replicates and --nproc: run the replicates one at a time on one GPU")
+    replicates = [
+        config.model_copy(update={"replicate": config.replicate.model_copy(update={"index": r})})
+        for r in range(config.replicate.index, config.replicate.index + args.replicates)
+    ]
     distributed = init_from_environment()
     if distributed and not is_main():
         from pwf_flows.distributed import follow
@@ -200,16 +234,20 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> int:
         return 0
     servers = ServerChecks()  # they answer (or not) while the input is checked
     preflight(config)
-    check_not_running(config, artifacts)
+    for replicate in replicates:
+        check_not_running(replicate, artifacts)
     servers.wait()
-    if args.fresh or not already_finished(config, artifacts):
-        check_disk(config, artifacts)
+    unfinished = [r for r in replicates if args.fresh or not already_finished(r, artifacts)]
+    if unfinished:
+        check_disk(unfinished[0], artifacts, runs=len(unfinished))
     check_tracking_experiment(config.name)
     if args.nproc > 1 and not distributed:
         from pwf_flows.distributed import relaunch
 
         return relaunch(_without_nproc(argv), args.nproc)
     try:
+        if len(replicates) > 1:
+            return _run_replicates(replicates, artifacts, args)
         return _run(config, artifacts, args)
     finally:
         if distributed:
@@ -230,27 +268,74 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return kept
 
 
-def _run(config, artifacts: str, args: argparse.Namespace) -> int:
+def _results(configs: list, artifacts: str, args: argparse.Namespace) -> list[dict]:
+    """Run (or find finished) each config's experiment, in order, in one Prefect server."""
     from pwf_flows.artifacts import ExperimentFiles
     from pwf_flows.results import finished_result
     from pwf_flows.server import prefect_api
+
+    results: list[dict | None] = [
+        None if args.fresh else finished_result(c, ExperimentFiles.for_config(c, artifacts))
+        for c in configs
+    ]
+    if all(r is not None for r in results):
+        return results  # type: ignore[return-value]
+    with prefect_api():
+        from pwf_flows.experiment import pwf_experiment  # Prefect reads the server URL now
+
+        _no_tracebacks_for_expected_failures()
+        for i, config in enumerate(configs):
+            if results[i] is None:
+                results[i] = pwf_experiment(
+                    config=config_to_dict(config),
+                    artifacts_dir=artifacts,
+                    progress=not args.no_progress,
+                    fresh=args.fresh,
+                    source=f"pwf run {args.config}",
+                )
+    return results  # type: ignore[return-value]
+
+
+def _run_replicates(configs: list, artifacts: str, args: argparse.Namespace) -> int:
+    from pwf_flows.report.statistics import summarize
     from pwf_flows.tracking import shown_uri
 
     started = time.perf_counter()
-    files = ExperimentFiles.for_config(config, artifacts)
-    result = None if args.fresh else finished_result(config, files)
-    if result is None:
-        with prefect_api():
-            from pwf_flows.experiment import pwf_experiment  # Prefect reads the server URL now
-
-            _no_tracebacks_for_expected_failures()
-            result = pwf_experiment(
-                config=config_to_dict(config),
-                artifacts_dir=artifacts,
-                progress=not args.no_progress,
-                fresh=args.fresh,
-                source=f"pwf run {args.config}",
+    results = _results(configs, artifacts, args)
+    method = create_method(configs[0].compression)
+    lines = [
+        f"  replicate {c.replicate.index}: {method.summary_line(r['metrics'])} ({r['url']})"
+        for c, r in zip(configs, results, strict=True)
+    ]
+    summaries = []
+    for key, label, scale, unit in (
+        ("cls/acc", "top-1", 100.0, " %"),
+        ("ws/unique_values", "unique values", 1.0, ""),
+    ):
+        values = [r["metrics"][key] for r in results if key in r["metrics"]]
+        if values:
+            s = summarize([scale * v for v in values])
+            summaries.append(
+                f"  {label}: {s.mean:.2f}{unit} ± {s.sd:.2f} (95 % interval "
+                f"{s.low:.2f} to {s.high:.2f}, n = {s.n})"
             )
+    first = results[0]
+    print(
+        f"\npwf run of {len(configs)} replicates finished in "
+        f"{time.perf_counter() - started:.0f} s\n"
+        + "\n".join(lines + summaries)
+        + f"\n  MLflow: experiment '{first['experiment']}' "
+        f"({shown_uri(first['tracking_uri'])}); the replicates' runs share the tag 'setting'\n"
+        f"  compare:    pwf report --experiment {first['experiment']}"
+    )
+    return 0
+
+
+def _run(config, artifacts: str, args: argparse.Namespace) -> int:
+    from pwf_flows.tracking import shown_uri
+
+    started = time.perf_counter()
+    (result,) = _results([config], artifacts, args)
     from pwf_flows.experiment.summary import size_line
 
     metrics = result["metrics"]
@@ -282,6 +367,11 @@ def sweep_command(args: argparse.Namespace) -> int:
     spec = load_sweep(args.sweep, overrides)
     check_tracking_uri()
     args.artifacts_folder = check_artifacts_dir(spec.execution.artifacts_dir)
+    if args.replay:
+        from pwf_flows.sweep.report import replay_report  # imports Optuna: after validation
+
+        print(replay_report(spec))
+        return 0
     if args.report:
         from pwf_flows.sweep.report import pareto_report  # imports Optuna: after validation
 
@@ -318,11 +408,25 @@ def sweep_command(args: argparse.Namespace) -> int:
         f"  orchestration overhead: {timing['sweep/orchestration_s']:.0f} s of "
         f"{timing['sweep/wall_s']:.0f} s (training, fixing and evaluation: "
         f"{timing['sweep/compute_s']:.0f} s)\n"
-        f"  MLflow parent run: {result['mlflow_run_id']} ({result['url']})\n"
+        + _early_stopping_line(timing)
+        + f"  MLflow parent run: {result['mlflow_run_id']} ({result['url']})\n"
         f"  Pareto front: pwf sweep {args.sweep} --report\n"
         f"  browse: {_browse_hint(os.environ['MLFLOW_TRACKING_URI'])}"
     )
     return 0
+
+
+def _early_stopping_line(timing: dict[str, float]) -> str:
+    """What early stopping saved, when it stopped any trial."""
+    stopped = int(timing.get("sweep/early_stopped", 0))
+    if not stopped:
+        return ""
+    saved, spent = timing.get("sweep/saved_s", 0.0), timing["sweep/compute_s"]
+    share = saved / (saved + spent) if saved + spent else 0.0
+    return (
+        f"  early stopping: {stopped} trials stopped part way, about {saved:.0f} s of compute "
+        f"saved ({100 * share:.0f} % of what running them to their end would have cost)\n"
+    )
 
 
 def report_command(args: argparse.Namespace) -> int:
@@ -330,8 +434,10 @@ def report_command(args: argparse.Namespace) -> int:
     an empty selection, a tracking URI that does not answer) ends in one line and exit 2,
     before anything is written."""
     from pwf_flows.report.collect import ReportError, Selection
+    from pwf_flows.report.statistics import parse_budgets
     from pwf_flows.report.store import open_store
 
+    budgets = parse_budgets(args.budgets)
     sweep = args.sweep
     if sweep is not None and sweep.endswith((".yaml", ".yml")):
         from pwf_flows.sweep.spec import sweep_name
@@ -346,11 +452,12 @@ def report_command(args: argparse.Namespace) -> int:
     client, source = open_store(args.tracking_uri)
     from pwf_flows.report import build_report, write_report
 
-    report = build_report(client, selection, title, source)
+    report = build_report(client, selection, title, source, args.reference, budgets)
     paths = write_report(report, folder)
     width = max(len(name) for name in [*paths, "open"]) + 2  # a space after the longest
     print(
-        f"pwf report: {len(report.runs)} runs\n"
+        f"pwf report: {len(report.runs)} runs in "
+        f"{sum(map(len, report.settings.values()))} settings, against {report.reference}\n"
         + "".join(f"  {name + ':':<{width}}{path}\n" for name, path in paths.items())
         + f"  {'open:':<{width}}file://{paths['html'].resolve()}"
     )

@@ -89,6 +89,10 @@ class Stack(Services):
         return self.start(name, argv, interrupts=interrupts, **extra)
 
 
+# One worker runs this module (make test's --dist loadgroup): its tests share one stack.
+pytestmark = pytest.mark.xdist_group("readme-stack")
+
+
 @pytest.fixture(scope="module")
 def readme_stack(tmp_path_factory):
     """The README's servers, pools, workers and ``prefect deploy --all``, once for the module."""
@@ -183,8 +187,8 @@ def test_readme_server_commands_run_a_sweep_on_workers(readme_stack):
 @pytest.mark.timeout(900)
 def test_every_shipped_deployment_runs_to_completion(readme_stack):
     """Each deployment of prefect.yaml as ``prefect deployment run`` starts it, submitted at
-    once: the sweeps' drivers on the cpu pool, their trials on the gpu pool, one trial each on
-    a tiny base; and a single experiment on ``pwf-experiment/gpu``."""
+    once: the sweeps' drivers on the cpu pool, their trials on the gpu pool, one trial of one
+    replicate each on a tiny base; and a single experiment on ``pwf-experiment/gpu``."""
     from tests.test_shipped_sweeps import tiny_overrides
 
     stack = readme_stack
@@ -213,7 +217,8 @@ def test_every_shipped_deployment_runs_to_completion(readme_stack):
             study = f"deploy-{deployment['name']}"
             storage = f"sqlite:///{workdir / (study + '.db')}"
             fields = tiny_overrides(sweep, storage, workdir / "artifacts", n_trials=1)
-            params = [f"overrides={json.dumps(fields | {'name': study})}"]
+            fields |= {"name": study, "study.replicates": 1}  # one run: replicates test apart
+            params = [f"overrides={json.dumps(fields)}"]
             target = f"pwf/{deployment['name']}"
         argv = ["prefect", "deployment", "run", target]
         for param in params:

@@ -169,6 +169,7 @@ class WFN(FixingMethod):
 
     config_class = WFNConfig
     size_knob = "compression.delta and compression.b"
+    size_knob_fields = ("b", "delta")
     config: WFNConfig
 
     def __init__(self, config: WFNConfig) -> None:

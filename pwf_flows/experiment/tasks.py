@@ -243,6 +243,7 @@ def evaluate_task(
         )
     if run.context.final_predictions is not None:
         log_probs, labels = run.context.final_predictions
+        metrics["data/test_samples"] = float(len(labels))  # one sample is 100 / n points
         bins = reliability_bins(log_probs.exp(), labels)
         outputs["reliability_bins"] = write_text_atomic(
             files.final / "reliability.json", json.dumps(bins)
@@ -250,10 +251,11 @@ def evaluate_task(
         outputs["reliability"] = reliability_diagram(
             bins, files.final / "reliability.png", title, metrics.get("cal/ece")
         )
-    for figure in run.method.figures(run.model, cfg.seed):
+    for figure in run.method.figures(run.model, cfg.compression_seed):
         outputs[figure.name] = draw_figure(figure, files.final / f"{figure.name}.png", title)
     summary = {
         "metrics": metrics,
+        "knobs": run.method.size_knobs(),
         "outputs": {k: str(v) for k, v in outputs.items()},
         "seconds": time.perf_counter() - started,
     }

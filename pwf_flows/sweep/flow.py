@@ -25,9 +25,10 @@ from pwf_flows.infra import set_infra_timeout
 from pwf_flows.orphans import release, take_over_sweep
 from pwf_flows.sweep.driver import Driver
 from pwf_flows.sweep.notes import describe_sweep
+from pwf_flows.sweep.pool import PoolRunner
 from pwf_flows.sweep.report import method_label, report_sweep, trials_table
 from pwf_flows.sweep.spec import SweepSpec, dump_spec, load_sweep, masked_url, sweep_name
-from pwf_flows.sweep.study import TRIAL_TAG, open_study, trials_in
+from pwf_flows.sweep.study import TRIAL_TAG, open_study, trials_done, trials_in
 from pwf_flows.tracking import (
     RunTracker,
     experiment_id,
@@ -122,16 +123,16 @@ def _sweep(
     with tracked_run(spec.name, run_name, tags, resume_run_id=parent_id) as parent:
         _start_parent(parent, study, spec, folder)
         earlier = parent.logged_metrics()
-        driver = Driver(study, spec, parent.run_id, progress)
+        driver = Driver(study, spec, parent.run_id, progress, folder)
         if trial_deployment:
-            driver.run_on_pool(trial_deployment, deadline)
+            PoolRunner(driver, trial_deployment).run(deadline)
         else:
             driver.run_in_process(deadline)
         with file_lock(folder / ".parent.lock"):  # drivers sharing the study log in turn
             table = report_sweep(study, spec, parent, folder)
             runs = [] if table.empty else table["mlflow_run_id"].dropna().tolist()
             describe_sweep(parent, study, spec, _about(spec), runs)  # now with the comparison
-            timing = _timing(earlier, time.perf_counter() - started, driver.compute_s)
+            timing = _timing(earlier, time.perf_counter() - started, driver)
             parent.log_latest(timing)  # totals over every session that worked on the sweep
     logger.info(
         "sweep %s: %d complete trials, Pareto front:\n%s",
@@ -184,14 +185,17 @@ def _about(spec: SweepSpec) -> str:
     )
 
 
-def _timing(earlier: dict[str, float], wall_s: float, compute_s: float) -> dict[str, float]:
-    """The sweep's timings over every session that worked on it (a continued sweep adds)."""
+def _timing(earlier: dict[str, float], wall_s: float, driver: Driver) -> dict[str, float]:
+    """The sweep's timings over every session that worked on it (a continued sweep adds), and
+    what early stopping saved (an estimate: the stopped trials' remaining rounds)."""
     wall = earlier.get("sweep/wall_s", 0.0) + wall_s
-    compute = earlier.get("sweep/compute_s", 0.0) + compute_s
+    compute = earlier.get("sweep/compute_s", 0.0) + driver.compute_s
     return {
         "sweep/wall_s": wall,
         "sweep/compute_s": compute,
         "sweep/orchestration_s": wall - compute,
+        "sweep/early_stopped": earlier.get("sweep/early_stopped", 0.0) + driver.stopped_early,
+        "sweep/saved_s": earlier.get("sweep/saved_s", 0.0) + driver.saved_s,
     }
 
 
@@ -212,11 +216,14 @@ def _sweep_result(
 def _finished_sweep(study: optuna.Study, spec: SweepSpec, parent_id: str) -> dict | None:
     """The result of a sweep that is done and reported, else ``None``.
 
-    Done: ``n_trials`` complete trials, none running, and a FINISHED parent run whose report
-    counted them all. Such a sweep is left as it is, timings and links included.
+    Done: ``n_trials`` trials done (complete, or stopped early), none running, and a FINISHED
+    parent run whose report counted the complete ones. Such a sweep is left as it is, timings
+    and links included.
     """
     complete = trials_in(study, TrialState.COMPLETE)
-    if len(complete) < spec.n_trials or trials_in(study, TrialState.RUNNING, TrialState.WAITING):
+    if len(trials_done(study)) < spec.n_trials or trials_in(
+        study, TrialState.RUNNING, TrialState.WAITING
+    ):
         return None
     parent = find_run(spec.name, parent_id)
     if parent is None or parent.info.status != "FINISHED":
@@ -225,7 +232,8 @@ def _finished_sweep(study: optuna.Study, spec: SweepSpec, parent_id: str) -> dic
     if metrics.get("sweep/complete_trials") != float(len(complete)):
         return None
     tracker = RunTracker.reopened(spec.name, parent_id)
-    timing = {k: v for k, v in metrics.items() if k in ("sweep/wall_s", "sweep/compute_s")}
+    kept = ("sweep/wall_s", "sweep/compute_s", "sweep/early_stopped", "sweep/saved_s")
+    timing = {k: v for k, v in metrics.items() if k in kept}
     timing["sweep/orchestration_s"] = timing.get("sweep/wall_s", 0.0) - timing.get(
         "sweep/compute_s", 0.0
     )
@@ -235,13 +243,14 @@ def _finished_sweep(study: optuna.Study, spec: SweepSpec, parent_id: str) -> dic
 
 
 def close_orphaned_runs(study: optuna.Study, experiment: str, parent_run_id: str) -> list[str]:
-    """End the trial runs a stopped driver left RUNNING (FINISHED if their trial completed).
+    """End the trial runs a stopped driver left RUNNING (FINISHED if their trial completed),
+    replicates' runs under a trial's run included.
 
-    A trial that is still running (this study's heartbeats say so) keeps its run; a trial that
-    is queued again reopens its run when it runs, whatever its status now.
+    A trial that is still running (this study's heartbeats say so) keeps its runs; a trial
+    that is queued again reopens its runs when it runs, whatever their status now.
     """
     client = mlflow_client()
-    running = f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    running = f"tags.sweep = '{experiment}' and attributes.status = 'RUNNING'"
     runs = retried(
         lambda: client.search_runs([experiment_id(client, experiment)], filter_string=running),
         "search runs",
@@ -249,11 +258,13 @@ def close_orphaned_runs(study: optuna.Study, experiment: str, parent_run_id: str
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     closed = []
     for run in runs:
+        if run.info.run_id == parent_run_id:
+            continue
         number = run.data.tags.get(TRIAL_TAG)
         state = states.get(int(number)) if number is not None and number.isdigit() else None
         if state == TrialState.RUNNING:
             continue
-        status = "FINISHED" if state == TrialState.COMPLETE else "FAILED"
+        status = "FINISHED" if state in (TrialState.COMPLETE, TrialState.PRUNED) else "FAILED"
         RunTracker(run.info.run_id, run.info.experiment_id, client).finish(status)
         closed.append(run.info.run_id)
     return closed

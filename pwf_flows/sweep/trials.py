@@ -249,13 +249,15 @@ def owned_trial(trial: dict[str, Any] | None) -> Iterator[bool]:
     """Heartbeat a sweep's trial from the flow run that computes it.
 
     Args:
-        trial: ``{"storage": url, "study": name, "number": n, "heartbeat_s": s}`` as the driver
-            passed it (the URL may hold ``${VAR}`` references, filled in here), or ``None``.
+        trial: ``{"storage": url, "study": name, "number": n, "heartbeat_s": s, "heartbeat":
+            bool}`` as the driver passed it (the URL may hold ``${VAR}`` references, filled in
+            here), or ``None``. With ``heartbeat`` false (an in-process trial) the driver
+            keeps the heartbeat.
 
     Yields:
         Whether the trial is still running, i.e. whether to compute it at all.
     """
-    if trial is None:
+    if trial is None or not trial.get("heartbeat", True):
         yield True
         return
     storage = storage_for(expand_storage(trial["storage"]), int(trial["heartbeat_s"]))

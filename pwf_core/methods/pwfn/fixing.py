@@ -373,6 +373,7 @@ class PWFN(FixingMethod):
         "compression.b (smallest power of two 2^-b: lower b, fewer values) and "
         "compression.max_order"
     )
+    size_knob_fields = ("b", "max_order")
     config: PWFNConfig
 
     def __init__(self, config: PWFNConfig) -> None:
@@ -390,6 +391,10 @@ class PWFN(FixingMethod):
 
     def step_metrics(self) -> dict[str, float]:
         return {"pwfn/b": float(self.b)} if self.b is not None else {}
+
+    def size_knobs(self) -> dict[str, str]:
+        knobs = super().size_knobs()
+        return knobs | ({"b": str(self.b)} if self.b is not None else {})
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"b": torch.tensor(self.b)} if self.b is not None else {}
