@@ -284,11 +284,11 @@ def test_each_setting_is_summarised_as_scipy_computes_it_from_the_store(store):
             assert (summary.sd, summary.low, summary.high) == pytest.approx((sd, low, high))
         row = rows[setting.key]
         top1 = [acc(r) for r in runs]
-        assert float(row["top-1 (%) mean"]) == pytest.approx(np.mean(top1))
+        assert float(row["top-1 (%) mean"]) == pytest.approx(100 * np.mean(top1))
         delta = [acc(r) - r.data.metrics["pretrain/test_acc"] for r in runs]
-        assert float(row["Δ top-1 vs pretrained (pt) mean"]) == pytest.approx(np.mean(delta))
+        assert float(row["Δ top-1 vs pretrained (pt) mean"]) == pytest.approx(100 * np.mean(delta))
         if len(runs) > 1:
-            assert float(row["top-1 (%) 95% CI high"]) == pytest.approx(t_interval(top1)[3])
+            assert float(row["top-1 (%) 95% CI high"]) == pytest.approx(100 * t_interval(top1)[3])
         else:
             assert row["top-1 (%) 95% CI high"] == ""
         sampled = row["sampled top-1 (%) mean"]
@@ -321,7 +321,7 @@ def test_budget_table_and_paired_tests_equal_scipys_on_the_shared_seeds(store):
             checked["missing"] += 1
             continue
         runs = grouped[best]
-        assert float(row["top-1 (%) mean"]) == pytest.approx(np.mean([acc(r) for r in runs]))
+        assert float(row["top-1 (%) mean"]) == pytest.approx(100 * np.mean([acc(r) for r in runs]))
         assert float(row["shared values mean"]) == pytest.approx(np.mean([shared(r) for r in runs]))
         if method == "kmeans":
             assert row["verdict"] == "reference" and row["p (paired t)"] == ""
@@ -337,9 +337,9 @@ def test_budget_table_and_paired_tests_equal_scipys_on_the_shared_seeds(store):
         b = np.array([theirs[p] for p in pairs])
         test = stats.ttest_rel(a, b)
         _, _, low, high = t_interval(list(a - b))
-        assert float(row["Δ top-1 vs reference (pt)"]) == pytest.approx(np.mean(a - b))
-        assert float(row["Δ 95% CI low (pt)"]) == pytest.approx(low)
-        assert float(row["Δ 95% CI high (pt)"]) == pytest.approx(high)
+        assert float(row["Δ top-1 vs reference (pt)"]) == pytest.approx(100 * np.mean(a - b))
+        assert float(row["Δ 95% CI low (pt)"]) == pytest.approx(100 * low)
+        assert float(row["Δ 95% CI high (pt)"]) == pytest.approx(100 * high)
         assert float(row["p (paired t)"]) == pytest.approx(test.pvalue)
         assert float(row["p (Wilcoxon)"]) == pytest.approx(stats.wilcoxon(a, b).pvalue)
         if np.all(a - b == (a - b)[0]):
@@ -353,7 +353,7 @@ def test_budget_table_and_paired_tests_equal_scipys_on_the_shared_seeds(store):
     assert checked["tested"] >= 6 and checked["no seeds"] >= 1 and checked["missing"] >= 3
     # pwfn b=5 against k-means with 32 values: 3 pairs, +3, +2 and +3 samples
     row = next(r for r in rows if r["method"] == "pwfn" and r["K (values at most)"] == "32")
-    assert float(row["Δ top-1 vs reference (pt)"]) == pytest.approx(8 / 3 / N_TEST)
+    assert float(row["Δ top-1 vs reference (pt)"]) == pytest.approx(100 * 8 / 3 / N_TEST)
     assert row["knobs"] == "b=5, max_order=4"
 
 

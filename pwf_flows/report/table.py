@@ -90,13 +90,21 @@ def ordered(runs: list[ReportRun]) -> list[ReportRun]:
 
 @dataclass(frozen=True)
 class Column:
-    """A column of a table: its header, its raw value for a row (CSV), and how a reader sees
-    that value (Markdown, HTML); ``numeric`` cells are right-aligned and never wrap."""
+    """A column of a table: its header, its raw value for a row, and how a reader sees that
+    value (Markdown, HTML); ``numeric`` cells are right-aligned and never wrap. The CSV holds
+    the raw value times ``scale``: in the unit the header names (``top-1 (%)``: percent)."""
 
     header: str
     raw: Callable[[Any], Any]
     fmt: Callable[[Any], str] = str
     numeric: bool = True
+    scale: float = 1.0
+
+    def csv_value(self, row: Any) -> Any:
+        value = self.raw(row)
+        if isinstance(value, float | int) and not isinstance(value, bool) and self.scale != 1:
+            return float(value) * self.scale
+        return value
 
     def text(self, row: Any) -> str:
         value = self.raw(row)
@@ -106,12 +114,13 @@ class Column:
 
 
 def to_csv(columns: Sequence[Column], rows: Sequence[Any]) -> str:
-    """Raw values (fractions, counts, bytes), one line per row."""
+    """Unrounded values in the headers' units (percent, points, counts, bytes), one line per
+    row."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow([column.header for column in columns])
     for row in rows:
-        values = [column.raw(row) for column in columns]
+        values = [column.csv_value(row) for column in columns]
         writer.writerow(
             ["" if _missing(v) else repr(v) if isinstance(v, float) else v for v in values]
         )
@@ -173,11 +182,12 @@ class Stat:
             return value
 
         plain = f"{{:,.{self.decimals}f}}".format
+        scale = self.scale
         return [
-            Column(f"{self.header} mean", part("mean"), lambda v: self.number(v)),
-            Column(f"{self.header} sd", part("sd"), lambda v: plain(self.scale * v)),
-            Column(f"{self.header} 95% CI low", part("low"), lambda v: self.number(v)),
-            Column(f"{self.header} 95% CI high", part("high"), lambda v: self.number(v)),
+            Column(f"{self.header} mean", part("mean"), self.number, scale=scale),
+            Column(f"{self.header} sd", part("sd"), lambda v: plain(scale * v), scale=scale),
+            Column(f"{self.header} 95% CI low", part("low"), self.number, scale=scale),
+            Column(f"{self.header} 95% CI high", part("high"), self.number, scale=scale),
         ]
 
 
@@ -252,16 +262,22 @@ BUDGET_COLUMNS = (
     Column("n", _of_setting(lambda s: s.n)),
     Column("shared values mean", _of_setting(lambda s: s.mean(BUDGET)), lambda v: f"{v:,.1f}"),
     Column("outliers mean", _of_setting(lambda s: s.mean("ws/outliers")), lambda v: f"{v:,.1f}"),
-    Column("top-1 (%) mean", _of_setting(lambda s: s.mean(ACCURACY)), lambda v: f"{100 * v:.2f}"),
+    Column(
+        "top-1 (%) mean",
+        _of_setting(lambda s: s.mean(ACCURACY)),
+        lambda v: f"{100 * v:.2f}",
+        scale=100,
+    ),
     Column(
         "top-1 (%) 95% CI half-width",
         _of_setting(lambda s: s.stats[ACCURACY].half_width),
         lambda v: f"{100 * v:.2f}",
+        scale=100,
     ),
     Column("pairs", _of_comparison("n")),
-    Column("Δ top-1 vs reference (pt)", _of_comparison("mean"), _pt),
-    Column("Δ 95% CI low (pt)", _of_comparison("low"), _pt),
-    Column("Δ 95% CI high (pt)", _of_comparison("high"), _pt),
+    Column("Δ top-1 vs reference (pt)", _of_comparison("mean"), _pt, scale=100),
+    Column("Δ 95% CI low (pt)", _of_comparison("low"), _pt, scale=100),
+    Column("Δ 95% CI high (pt)", _of_comparison("high"), _pt, scale=100),
     Column("p (paired t)", _of_comparison("p_t"), _p),
     Column("p (Wilcoxon)", _of_comparison("p_wilcoxon"), _p),
     Column("verdict", lambda row: row.verdict, numeric=False),
