@@ -142,3 +142,20 @@ def test_pwf_sweep_replay_prints_what_the_rule_would_have_stopped(tmp_path, caps
     assert "the sweep's rule (from round 2, beaten by at least 1 completed trials" in out
     assert "trial 1: stopped after round 2, beaten by trials [0]" in out
     assert "compute: 8 s recorded, 2 s saved (20 %); no Pareto-optimal trial lost" in out
+
+
+def test_the_projected_count_is_what_fixing_every_free_weight_now_would_leave():
+    import torch
+
+    from pwf_core.methods.rounds import FlatWeights, projected_values
+
+    mu = torch.tensor([0.30, 0.26, 0.50, 0.01, -0.49])
+    fixed = torch.tensor([False, False, True, False, False])
+    weights = FlatWeights(mu, torch.ones(5), fixed)
+    centres = torch.tensor([-0.5, 0.0, 0.25, 0.5])
+    # 0.30 and 0.26 -> 0.25, 0.01 -> 0, -0.49 -> -0.5, and the fixed 0.5: four values
+    assert projected_values(weights, centres) == 4
+    assert (
+        projected_values(FlatWeights(mu, torch.ones(5), torch.ones(5, dtype=torch.bool)), centres)
+        == 5
+    )

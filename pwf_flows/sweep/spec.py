@@ -51,23 +51,31 @@ class Objective(NamedTuple):
     metric: str
     direction: str
     label: str
-    progress: str
+    progress: tuple[str, ...]
 
     def at_step(self, metrics: dict[str, float]) -> float | None:
-        """The objective's value in a step's metrics (``None`` when the step has none)."""
-        value = metrics.get(self.progress, metrics.get(self.metric))
-        return None if value is None else float(value)
+        """The objective's value in a step's metrics, the first of its progress keys a step
+        records (``None`` when it records none)."""
+        for key in self.progress:
+            if key in metrics:
+                return float(metrics[key])
+        return None
 
 
 OBJECTIVES = {
-    "accuracy": Objective("cls/acc", "maximize", "top-1", "cls/acc"),
+    "accuracy": Objective("cls/acc", "maximize", "top-1", ("cls/acc",)),
+    # Mid-run, the values the weights would take if fixed now to their nearest centres; the
+    # codebook so far (early rounds fix the small weights, most to 0) where a method cannot say.
     "unique_values": Objective(
-        "ws/unique_values", "minimize", "unique values", "ws/unique_fixed_values"
+        "ws/unique_values",
+        "minimize",
+        "unique values",
+        ("ws/projected_values", "ws/unique_fixed_values", "ws/unique_values"),
     ),
-    "nll": Objective("cls/nll", "minimize", "NLL", "cls/nll"),
-    "ece": Objective("cal/ece", "minimize", "ECE", "cal/ece"),
+    "nll": Objective("cls/nll", "minimize", "NLL", ("cls/nll",)),
+    "ece": Objective("cal/ece", "minimize", "ECE", ("cal/ece",)),
     "entropy_bits": Objective(
-        "ws/entropy_bits", "minimize", "weight entropy (bits)", "ws/entropy_bits"
+        "ws/entropy_bits", "minimize", "weight entropy (bits)", ("ws/entropy_bits",)
     ),
 }
 DEFAULT_MARGINS = {"accuracy": 0.005}

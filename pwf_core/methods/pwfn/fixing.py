@@ -403,6 +403,13 @@ class PWFN(FixingMethod):
         if "b" in state:
             self.b = int(state["b"])
 
+    def projection_centres(self, weights: FlatWeights) -> torch.Tensor | None:
+        free = weights.mu[~weights.fixed]
+        if self.b is None or not len(free):
+            return None
+        book = pow2_codebook(self.b, float(free.abs().max()), self.config.max_order)
+        return book.tensor(weights.mu.device)
+
     def fix(self, weights: FlatWeights, target_fixed: int, round_index: int) -> pd.DataFrame:
         assert self.b is not None, "initialise() resolves b: auto before the first round"
         return pwfn_fix_round(
