@@ -157,3 +157,11 @@ def optuna_study_url(study_id: int) -> str:
 def optuna_trial_url(study_id: int, number: int) -> str:
     """Trial ``number``'s page in the optuna-dashboard ``pwf ui`` serves."""
     return f"{optuna_study_url(study_id)}/trials?numbers={number}"
+
+
+def browse_hint(tracking_uri: str) -> str:
+    """How to browse what a command recorded: the server's UI, or ``pwf ui``."""
+    if is_server_uri(tracking_uri):
+        return f"open {mlflow_ui(tracking_uri)}"
+    served = ", ".join(f"{ui.name} {ui.url()}" for ui in LOCAL_UIS)
+    return f"pwf ui (serves the links above: {served})"
