@@ -64,6 +64,10 @@ def test_the_rule_uses_the_mean_of_the_replicates_at_the_same_step():
     decision = rule.decide(mean_point(weak, 1, 2), 1, strong)
     assert decision.stop and decision.by == (0, 1)
     assert not rule.decide(mean_point(weak, 1, 2), 1, strong[:1]).stop  # one is not enough
+    for trial in strong:
+        trial.set_user_attr("steps", 2)  # two-round schedules: not compared with five rounds
+    assert rule.decide(mean_point(weak, 1, 2), 1, strong, steps=2).stop
+    assert not rule.decide(mean_point(weak, 1, 2), 1, strong, steps=5).stop
 
 
 def test_replay_stops_what_the_rule_would_have_stopped_and_counts_the_compute():

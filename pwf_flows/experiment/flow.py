@@ -181,7 +181,7 @@ def _experiment(request: _Request) -> dict[str, Any]:
         # object and linking a task to the wrong upstream one.
         results: list[dict] = []
         previous, records, compute_s = _start_or_resume(request, plan, tracker, results)
-        monitor = RoundMonitor(request.trial) if request.trial is not None else None
+        monitor = RoundMonitor(request.trial, len(plan)) if request.trial is not None else None
         for step in plan[len(records) :]:
             previous = step_task(
                 request.values,

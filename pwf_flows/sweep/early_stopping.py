@@ -29,6 +29,7 @@ from pwf_flows.sweep.study import STOPPED_ATTR
 from pwf_flows.sweep.trials import storage_for
 
 ROUNDS_ATTR = "rounds"  # rounds.<replicate>: [[objective values..., compute seconds], ...]
+STEPS_ATTR = "steps"  # how many steps the trial's plan has (its schedule's rounds)
 __all__ = ["STOPPED_ATTR", "Decision", "RoundMonitor", "Rule", "dominating", "replay"]
 
 Point = tuple[float, ...]
@@ -116,13 +117,26 @@ class Rule:
         values = [OBJECTIVES[name].at_step(dict(metrics)) for name in self.objectives]
         return None if any(v is None for v in values) else tuple(values)  # type: ignore[arg-type]
 
-    def decide(self, point: Point, step: int, completed: Iterable[FrozenTrial]) -> Decision:
-        """Stop at ``step`` when enough ``completed`` trials dominate ``point`` there."""
+    def decide(
+        self,
+        point: Point,
+        step: int,
+        completed: Iterable[FrozenTrial],
+        steps: int | None = None,
+    ) -> Decision:
+        """Stop at ``step`` when enough ``completed`` trials dominate ``point`` there.
+
+        Args:
+            steps: The trial's plan length: only completed trials of as many steps are
+                compared (round 3 of a five-round schedule is not round 3 of a ten-round one).
+        """
         if step + 1 < self.spec.from_round:
             return Decision(False, step)
         width = len(self.objectives)
         others = {}
         for trial in completed:
+            if steps is not None and trial.user_attrs.get(STEPS_ATTR, steps) != steps:
+                continue
             other = mean_point(trial, step, width)
             if other is not None:
                 others[trial.number] = other
@@ -137,9 +151,10 @@ class RoundMonitor:
         request: What the driver passed: ``storage``, ``study``, ``number``, ``replicate``,
             ``heartbeat_s``, ``objectives`` and the ``rule`` (an early-stopping spec as a
             mapping, or ``None`` to only record the points).
+        steps: How many steps the run's plan has.
     """
 
-    def __init__(self, request: Mapping[str, Any]) -> None:
+    def __init__(self, request: Mapping[str, Any], steps: int) -> None:
         self.storage = storage_for(expand_storage(request["storage"]), int(request["heartbeat_s"]))
         self.study_id = self.storage.get_study_id_from_name(request["study"])
         self.number = int(request["number"])
@@ -150,6 +165,8 @@ class RoundMonitor:
         spec = request.get("rule")
         self.rule = Rule(EarlyStoppingSpec.model_validate(spec or {}), list(request["objectives"]))
         self.active = spec is not None
+        self.steps = steps
+        self.storage.set_trial_user_attr(self.trial_id, STEPS_ATTR, steps)
 
     def after_step(self, step: int, metrics: Mapping[str, float], compute_s: float) -> Decision:
         """Record the step's point; whether the trial stops here (its own earlier replicate's
@@ -171,7 +188,7 @@ class RoundMonitor:
             self.study_id, deepcopy=False, states=(TrialState.COMPLETE,)
         )
         mine = mean_point(trial, step, len(point)) or point
-        decision = self.rule.decide(mine, step, completed)
+        decision = self.rule.decide(mine, step, completed, self.steps)
         if decision.stop:
             self.storage.set_trial_user_attr(
                 self.trial_id, STOPPED_ATTR, {"round": step + 1, "by": list(decision.by)}
@@ -239,7 +256,7 @@ def replay(study: optuna.Study, rule: Rule) -> ReplayResult:
             point = mean_point(trial, step, width)
             if point is None:
                 break
-            decision = rule.decide(point, step, before)
+            decision = rule.decide(point, step, before, trial.user_attrs.get(STEPS_ATTR))
             if decision.stop:
                 result.stopped[trial.number] = (step + 1, decision.by)
                 result.saved_s += _compute(trial, width) - _compute_until(trial, step, width)

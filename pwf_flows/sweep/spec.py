@@ -78,7 +78,6 @@ OBJECTIVES = {
         "ws/entropy_bits", "minimize", "weight entropy (bits)", ("ws/entropy_bits",)
     ),
 }
-DEFAULT_MARGINS = {"accuracy": 0.005}
 STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
 
 
@@ -195,21 +194,22 @@ class Dimension(_Strict):
 class EarlyStoppingSpec(_Strict):
     """Stop a trial that, part way, is already beaten: after round ``from_round`` (each epoch
     for 2DGBNN), a trial's point (its objectives at that round, the mean of its replicates)
-    is compared with the same round's points of the completed trials; it is stopped when at
-    least ``min_dominating`` of them dominate it beyond the margins. Optuna has no pruning for
-    several objectives, so this is pwf's own rule (:mod:`pwf_flows.sweep.early_stopping`).
+    is compared with the same round's points of the completed trials of as many rounds; it is
+    stopped when at least ``min_dominating`` of them dominate it beyond the margins. Optuna has
+    no pruning for several objectives, so this is pwf's own rule
+    (:mod:`pwf_flows.sweep.early_stopping`).
 
     Args:
         from_round: The first round (1-based) at which a trial can be stopped.
         min_dominating: Completed trials that must dominate the point.
         margins: By how much a completed trial must be better in each objective, in the
             objective's units (``accuracy: 0.005`` is half a point of top-1); an objective
-            not named needs only be no worse.
+            not named need only be no worse (and one of them strictly better).
     """
 
-    from_round: int = Field(3, ge=1)
+    from_round: int = Field(2, ge=1)
     min_dominating: int = Field(2, ge=1)
-    margins: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_MARGINS))
+    margins: dict[str, float] = Field(default_factory=dict)
 
     @field_validator("margins")
     @classmethod
