@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-from-pyproject
 PYTEST_ARGS ?=
+# Test processes: both cores of the development and CI machines.
+PYTEST_WORKERS ?= 2
 CONFIG ?=
 
 .PHONY: venv browser slurm run test lint format bench
@@ -36,7 +38,7 @@ run: $(STAMP)
 test: $(STAMP) browser slurm
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
 lint: $(STAMP)

@@ -1,8 +1,9 @@
 """How long ``pwf report`` takes over many runs (bar: 200 runs in 30 s).
 
-Generates N finished runs (four methods, their knobs varied, each with the final metrics,
-params and tags a pwf run logs, and reliability bins as an artifact) in a real MLflow SQLite
-store, then times the report of the whole experiment: selection, reading, figures, page and
+Generates N finished runs (four methods, their knobs varied, three replicates per setting,
+each with the final metrics, params and tags a pwf run logs, and reliability bins as an
+artifact) in a real MLflow SQLite store, then times the report of the whole experiment:
+selection, reading, statistics (intervals, paired tests at every budget), figures, page and
 tables, written. Writes ``benchmarks/results/report_scale.json``.
 
 Usage: ``python benchmarks/report_scale.py [--runs N]``
@@ -27,6 +28,8 @@ from pwf_flows.report import Selection, build_report, write_report
 
 RESULTS = Path(__file__).parent / "results" / "report_scale.json"
 KNOB = {"pwfn": "b", "wfn": "delta", "kmeans": "clusters", "uniform": "bits"}
+REPLICATES = 3
+TEST_SAMPLES = 359
 
 
 def _bins(rng: random.Random) -> dict[str, list[float]]:
@@ -42,19 +45,23 @@ def _bins(rng: random.Random) -> dict[str, list[float]]:
 
 
 def generate(client: MlflowClient, experiment: str, runs: int, folder: Path) -> None:
-    """``runs`` finished runs like pwf's, spread over four methods."""
+    """``runs`` finished runs like pwf's: settings of four methods, three replicates each."""
     rng = random.Random(0)
     eid = client.create_experiment(experiment)
     now = int(time.time() * 1000)
+    bins = folder / "reliability.json"
     for index in range(runs):
-        method = list(KNOB)[index % 4]
-        config = config_class(method)()
-        params = {f"compression.{k}": v for k, v in flatten_config(config).items()}
-        params[f"compression.{KNOB[method]}"] = str(rng.randint(2, 64))
-        unique = float(rng.randint(8, 400))
+        number, replicate = divmod(index, REPLICATES)
+        method = list(KNOB)[number % 4]
+        if replicate == 0:
+            config = config_class(method)()
+            params = {f"compression.{k}": v for k, v in flatten_config(config).items()}
+            knob = str(rng.randint(2, 64))
+            unique = float(rng.randint(8, 400))
+            accuracy = rng.uniform(0.9, 0.99)
         metrics = {
-            "cls/acc": rng.uniform(0.9, 0.99),
-            "ws/unique_values": unique,
+            "cls/acc": accuracy + rng.randint(-3, 3) / TEST_SAMPLES,
+            "ws/unique_values": unique + rng.randint(-2, 2),
             "ws/shared_values": unique,
             "ws/outliers": 0.0,
             "ws/entropy_bits": rng.uniform(1, 6),
@@ -62,21 +69,30 @@ def generate(client: MlflowClient, experiment: str, runs: int, folder: Path) -> 
             "size/compression_ratio": rng.uniform(3, 4),
             "cal/ece": rng.uniform(0.005, 0.05),
             "cls/nll": rng.uniform(0.03, 0.3),
+            "data/test_samples": float(TEST_SAMPLES),
         }
         run = client.create_run(
             eid,
-            run_name=f"{method} {KNOB[method]}={params[f'compression.{KNOB[method]}']}",
-            tags={"method": method, "model": "small_cnn", "dataset": "digits"},
+            run_name=f"{method} {KNOB[method]}={knob} r{replicate}",
+            tags={
+                "kind": "experiment",
+                "method": method,
+                "model": "small_cnn",
+                "dataset": "digits",
+                "setting": f"setting-{number}",
+                "replicate": str(replicate),
+            },
         )
         entries = [Metric(f"final/{k}", v, now, 0) for k, v in metrics.items()]
         entries.append(Metric("pretrain/test_acc", 0.99, now, 0))
+        logged = {**params, "seed": "0", "replicate.index": str(replicate)}
+        logged[f"knob.{KNOB[method]}"] = knob
         client.log_batch(
             run.info.run_id,
             metrics=entries,
-            params=[Param(k, str(v)) for k, v in params.items()],
+            params=[Param(k, str(v)) for k, v in logged.items()],
             tags=[RunTag("mlflow.runName", run.info.run_name)],
         )
-        bins = folder / "reliability.json"
         bins.write_text(json.dumps(_bins(rng)))
         client.log_artifact(run.info.run_id, str(bins), "tables")
         client.set_terminated(run.info.run_id)
@@ -92,14 +108,16 @@ def main() -> None:
         started = time.perf_counter()
         generate(client, "scale", args.runs, store)
         generated = time.perf_counter() - started
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         report = build_report(client, Selection(experiments=("scale",)), "scale", "benchmark")
         write_report(report, store / "report")
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
         size = (store / "report" / "report.html").stat().st_size
     row = {
         "runs": len(report.runs),
+        "settings": sum(len(group) for group in report.settings.values()),
         "report_s": round(seconds, 2),
+        "report_cpu_s": round(cpu, 2),  # wall above CPU: other work on the machine
         "page_bytes": size,
         "generate_s": round(generated, 1),
     }

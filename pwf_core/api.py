@@ -117,7 +117,10 @@ class Compression:
         device = config.resolved_device()
         model = build_experiment_model(config, dataset).to(device)
         train_loader = dataset.loader(
-            "train", config.train.batch_size, shuffle=True, seed=derive_seed(config.seed, "data")
+            "train",
+            config.train.batch_size,
+            shuffle=True,
+            seed=derive_seed(config.compression_seed, "data"),
         ).to(device)
         eval_loader = dataset.loader("test", config.data.eval_batch_size).to(device)
         return cls(
@@ -126,7 +129,7 @@ class Compression:
             train_loader,
             eval_loader=eval_loader,
             train=config.train,
-            seed=config.seed,
+            seed=config.compression_seed,
             progress=progress,
             log=log,
             mc_samples=config.eval.mc_samples,

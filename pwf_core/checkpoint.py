@@ -109,5 +109,15 @@ def load_checkpoint(
 
 
 def read_checkpoint_header(path: str | Path) -> dict[str, Any]:
-    """The JSON header of a checkpoint, without loading its tensors."""
-    return json.loads(read_metadata(path).get(_HEADER_KEY, "{}"))
+    """The JSON header of a checkpoint, without loading its tensors.
+
+    Raises:
+        CheckpointError: for a missing or damaged file.
+    """
+    try:
+        header = json.loads(read_metadata(path).get(_HEADER_KEY, "{}"))
+    except ValueError:
+        raise CheckpointError(f"'{path}' has a damaged header") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"'{path}' has a damaged header")
+    return header

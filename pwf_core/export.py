@@ -16,7 +16,6 @@ newer file raises :class:`~pwf_core.errors.CompressedFileError` instead.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -29,13 +28,14 @@ from torch import nn
 from pwf_core import _entropy as entropy_coding
 from pwf_core._entropy import entropy_bytes, symbol_counts
 from pwf_core._files import (
-    is_complete_safetensors,
     load_tensors,
     read_metadata,
     save_tensors,
     smallest_index_dtype,
+    tensor_digest,
 )
 from pwf_core.bayes import bayesian_params, is_bayesian, plain_state
+from pwf_core.data.contract import CONTRACT_KEY, InputContract
 from pwf_core.errors import CheckpointError, CompressedFileError, NotCompressedError
 from pwf_core.metrics import converted_values
 from pwf_core.models import ModelSpec
@@ -219,16 +219,6 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of the tensors' names, dtypes, shapes and bytes, in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)};".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 @torch.no_grad()
 def save_compressed(
     model: nn.Module,
@@ -236,6 +226,7 @@ def save_compressed(
     *,
     spec: ModelSpec | None = None,
     config: dict[str, Any] | None = None,
+    contract: InputContract | None = None,
 ) -> ExportReport:
     """Write a compressed ``model`` (every converted weight shared) in its method's format.
 
@@ -245,6 +236,8 @@ def save_compressed(
         spec: The architecture, so that :func:`load_compressed` can rebuild it without an
             instance; leave it out for your own model class.
         config: Plain data to record in the header (e.g. the experiment config).
+        contract: How a raw sample becomes the model's input (the dataset's
+            :attr:`~pwf_core.data.ImageDataset.contract`), recorded in the header.
 
     Raises:
         NotCompressedError: when the model was never converted or some converted weight is
@@ -269,10 +262,13 @@ def save_compressed(
         "model": spec.to_dict() if spec is not None else None,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "config": config or {},
-        "sha256": _digest(tensors),
+        "sha256": tensor_digest(tensors),
         **encoded.header,
     }
-    path = save_tensors(path, tensors, {_METADATA_KEY: json.dumps(header)})
+    if contract is not None:
+        header[CONTRACT_KEY] = contract.as_dict()
+    # The header's own sha256 covers the tensors (files of format 2 and 3 carry it).
+    path = save_tensors(path, tensors, {_METADATA_KEY: json.dumps(header)}, checksum=False)
     file_bytes = path.stat().st_size
     header_bytes = file_bytes - _nbytes(tensors)
     return ExportReport(
@@ -325,12 +321,10 @@ def read_header(path: str | Path) -> dict[str, Any]:
         CompressedFileError: for a truncated or damaged file, one that is no pwf compressed
             model, or one written by a newer pwf.
     """
+    if Path(path).is_dir():
+        raise CompressedFileError(f"'{path}' is a folder, not a compressed model file")
     if not Path(path).is_file():
         raise CompressedFileError(f"'{path}' does not exist")
-    if not is_complete_safetensors(path):
-        raise CompressedFileError(
-            f"'{path}' is truncated or damaged: its size does not match its tensor table"
-        )
     try:
         metadata = read_metadata(path)
     except CheckpointError as err:
@@ -364,7 +358,7 @@ def _read_tensors(path: str | Path, header: dict[str, Any]) -> dict[str, torch.T
         tensors = load_tensors(path)
     except CheckpointError as err:
         raise CompressedFileError(str(err)) from None
-    if "sha256" in header and _digest(tensors) != header["sha256"]:
+    if "sha256" in header and tensor_digest(tensors) != header["sha256"]:
         raise CompressedFileError(
             f"'{path}' is corrupted: its tensors do not match the checksum saved with them"
         )

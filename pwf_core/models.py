@@ -140,6 +140,15 @@ def similar_model_names(name: str, limit: int = 5) -> list[str]:
     return difflib.get_close_matches(name, candidates, n=limit, cutoff=0.6)
 
 
+# Arguments pwf passes to every architecture from the dataset it trains on.
+_FROM_DATASET = {
+    "img_size": "its images' side: 8 for digits, 28 for MNIST, 32 for CIFAR-10, data.img_size "
+    "for an image folder",
+    "in_chans": "its images' channels",
+    "num_classes": "its classes",
+}
+
+
 class ModelConfig(Section):
     """Which network to compress.
 
@@ -165,9 +174,22 @@ class ModelConfig(Section):
             raise ValueError(f"unknown model '{name}' (not one of pwf's {own}, not timm's){suffix}")
         return name
 
+    @field_validator("kwargs")
+    @classmethod
+    def _not_from_the_dataset(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        given = [key for key in _FROM_DATASET if key in kwargs]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} comes from the dataset ({_FROM_DATASET[given[0]]}), not "
+                "from model.kwargs: leave it out"
+            )
+        return kwargs
+
     @field_validator("weights")
     @classmethod
     def _weights_exist(cls, weights: Path | None) -> Path | None:
+        if weights is not None and weights.is_dir():
+            raise ValueError(f"weights file '{weights}' is a folder; name the file in it")
         if weights is not None and not weights.is_file():
             raise ValueError(f"weights file '{weights}' does not exist")
         return weights

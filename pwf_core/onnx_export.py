@@ -10,12 +10,18 @@ Runtime folds these constant subgraphs when a session starts, so inference runs 
 the float file while the file holds one or two bytes per weight.
 
 Layers the user kept in float, norms and running statistics stay float initializers.
+
+Given the dataset's input contract, the file records it in its ``metadata_props`` (key
+``pwf.input``, JSON: shape, dtype, raw value range, divisor, mean, std, class names), and
+with ``preprocess`` its graph starts with the normalisation (``Div``, ``Sub``, ``Div``, the
+same float32 operations pwf's reader applies), so it takes raw pixels.
 """
 
 from __future__ import annotations
 
 import copy
 import io
+import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +34,7 @@ from torch import nn
 
 from pwf_core._files import atomic_path
 from pwf_core.bayes import bayesian_params, strip
+from pwf_core.data.contract import InputContract
 from pwf_core.export import shared_weights
 
 if TYPE_CHECKING:
@@ -37,9 +44,18 @@ if TYPE_CHECKING:
 # programs that import pwf never pay for an export.
 
 CODEBOOK = "pwf.codebook"
+INPUT_METADATA = "pwf.input"  # the input contract, JSON, among the file's metadata_props
 _INDEX_TYPES = ((2**8, np.uint8), (2**16, np.uint16), (2**32, np.uint32))
 
-__all__ = ["CODEBOOK", "OnnxExport", "OnnxExportError", "check_onnx", "export_onnx"]
+__all__ = [
+    "CODEBOOK",
+    "INPUT_METADATA",
+    "OnnxExport",
+    "OnnxExportError",
+    "check_onnx",
+    "export_onnx",
+    "recorded_input",
+]
 
 
 class OnnxExportError(RuntimeError):
@@ -60,6 +76,8 @@ class OnnxExport:
         codebook_size: Values in the global codebook.
         index_dtype: Dtype of the stored indices (``uint8``, ``uint16``; ``uint32`` only past
             65,536 values, when the indices are no smaller than the floats).
+        contract: The input contract the file records (``None``: none given).
+        preprocessed: The graph normalises raw pixels itself.
     """
 
     path: Path
@@ -68,6 +86,8 @@ class OnnxExport:
     shared_tensors: tuple[str, ...]
     codebook_size: int
     index_dtype: str
+    contract: InputContract | None = None
+    preprocessed: bool = False
 
     @property
     def ratio(self) -> float:
@@ -221,12 +241,62 @@ def _share(
     graph.node.extend([*nodes, *existing])
 
 
+def _prepend_normalisation(graph: onnx.GraphProto, contract: InputContract) -> None:
+    """Make the graph take raw pixels: its input, divided, centred and scaled as the contract
+    says, feeds what the input fed."""
+    from onnx import helper, numpy_helper
+
+    raw = graph.input[0].name
+    normalised = f"{raw}.normalised"
+    for node in graph.node:
+        node.input[:] = [normalised if name == raw else name for name in node.input]
+    view = (1, len(contract.mean), 1, 1)
+    constants = {
+        "pwf.input.divide_by": np.array(contract.divide_by, dtype=np.float32),
+        "pwf.input.mean": np.array(contract.mean, dtype=np.float32).reshape(view),
+        "pwf.input.std": np.array(contract.std, dtype=np.float32).reshape(view),
+    }
+    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in constants.items())
+    nodes = [
+        helper.make_node("Div", [raw, "pwf.input.divide_by"], [f"{raw}.scaled"]),
+        helper.make_node("Sub", [f"{raw}.scaled", "pwf.input.mean"], [f"{raw}.centred"]),
+        helper.make_node("Div", [f"{raw}.centred", "pwf.input.std"], [normalised]),
+    ]
+    existing = list(graph.node)
+    del graph.node[:]
+    graph.node.extend([*nodes, *existing])
+
+
+def _record_input(proto: onnx.ModelProto, contract: InputContract, preprocessed: bool) -> None:
+    """The contract among the file's metadata, and in words as its doc string."""
+    from onnx import helper
+
+    name = proto.graph.input[0].name
+    recorded = contract.as_dict() | {"input_name": name, "normalisation_in_graph": preprocessed}
+    if preprocessed:
+        recorded["normalise"] = "done by the graph: feed raw pixels"
+    helper.set_model_props(proto, {INPUT_METADATA: json.dumps(recorded)})
+    proto.doc_string = f"pwf compressed model; input '{name}': {contract.describe(preprocessed)}"
+
+
+def recorded_input(path: str | Path) -> dict | None:
+    """The input contract an ONNX file records (``None``: it records none), as
+    :func:`export_onnx` wrote it: :class:`~pwf_core.data.InputContract` fields plus
+    ``input_name`` and ``normalisation_in_graph``."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return json.loads(props[INPUT_METADATA]) if INPUT_METADATA in props else None
+
+
 def export_onnx(
     model: nn.Module,
     path: str | Path,
     example_input: torch.Tensor | Sequence[torch.Tensor],
     *,
     opset: int | None = None,
+    contract: InputContract | None = None,
+    preprocess: bool = False,
 ) -> OnnxExport:
     """Write ``model`` as ONNX with every shared tensor as a global codebook plus indices.
 
@@ -242,16 +312,24 @@ def export_onnx(
         example_input: A batch the model takes (a tensor, or a tuple of tensors for a model
             with several inputs); it fixes every dimension but the first.
         opset: ONNX opset version (default: the exporter's).
+        contract: How a raw sample becomes the model's input (the dataset's); recorded in
+            the file's metadata.
+        preprocess: Put the contract's normalisation into the graph: the file takes raw
+            pixels (``example_input`` stays what the model takes).
 
     Returns:
         The file and its size against a float32 ONNX export of the same model.
 
     Raises:
         NotCompressedError: when the model was never compressed or has free weights.
-        ValueError: when ``example_input`` is not a tensor or does not run through the model.
+        ValueError: when ``example_input`` is not a tensor or does not run through the model,
+            or ``preprocess`` is asked without a contract.
         OnnxExportError: when the exporter folded a shared tensor into another one.
     """
     import onnx
+
+    if preprocess and contract is None:
+        raise ValueError("preprocess needs the input contract (the dataset's normalisation)")
 
     values = shared_weights(model)
     inputs = _inputs(example_input)
@@ -270,6 +348,10 @@ def export_onnx(
     codebook = np.unique(np.concatenate([a.ravel() for a in arrays.values()]))
     dtype = next(t for limit, t in _INDEX_TYPES if len(codebook) <= limit)
     _share(proto.graph, set(_locate(proto.graph, arrays).values()), codebook, dtype)
+    if preprocess:
+        _prepend_normalisation(proto.graph, contract)
+    if contract is not None:
+        _record_input(proto, contract, preprocess)
     onnx.checker.check_model(proto)
     with atomic_path(path) as tmp:
         onnx.save(proto, str(tmp))
@@ -281,11 +363,16 @@ def export_onnx(
         shared_tensors=tuple(values),
         codebook_size=len(codebook),
         index_dtype=np.dtype(dtype).name,
+        contract=contract,
+        preprocessed=preprocess,
     )
 
 
 def check_onnx(
-    path: str | Path, model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor]
+    path: str | Path,
+    model: nn.Module,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
+    onnx_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
 ) -> float:
     """The largest ``|logit difference|`` between ONNX Runtime running ``path`` and ``model``
     (in eval mode; its own mode is restored) on ``inputs``.
@@ -294,6 +381,8 @@ def check_onnx(
         path: An ONNX file, e.g. the one :func:`export_onnx` wrote for ``model``.
         model: The model to compare with.
         inputs: A batch (a tensor, or a tuple of tensors).
+        onnx_inputs: What the file is fed instead (the raw pixels of ``inputs``, for a file
+            that normalises them itself); default: ``inputs``.
 
     Raises:
         ImportError: when onnxruntime is not installed.
@@ -305,8 +394,9 @@ def check_onnx(
             "check_onnx runs the file in ONNX Runtime: pip install onnxruntime"
         ) from err
     batch = _inputs(inputs)
+    fed = batch if onnx_inputs is None else _inputs(onnx_inputs)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {arg.name: t.numpy() for arg, t in zip(session.get_inputs(), batch, strict=True)}
+    feeds = {arg.name: t.numpy() for arg, t in zip(session.get_inputs(), fed, strict=True)}
     got = session.run(None, feeds)
     training = model.training
     device = next(model.parameters()).device

@@ -30,9 +30,9 @@ def model_spec(config: ExperimentConfig, dataset: ImageDataset) -> ModelSpec:
 def build_experiment_model(config: ExperimentConfig, dataset: ImageDataset) -> nn.Module:
     """The config's architecture sized for ``dataset``, with ``model.weights`` loaded if given.
 
-    The initialisation is seeded from the experiment seed.
+    The initialisation is seeded from the pretraining seed (shared by replicates).
     """
-    seed_everything(derive_seed(config.seed, "model-init"))
+    seed_everything(derive_seed(config.pretrain_seed, "model-init"))
     model = model_spec(config, dataset).build()
     if config.model.weights is not None:
         load_weights(model, config.model.weights)
@@ -61,11 +61,14 @@ def pretrain(
 
     Validation accuracy is recorded after each epoch when the dataset has a validation split.
     """
-    seed_everything(derive_seed(config.seed, "pretrain"))
+    seed_everything(derive_seed(config.pretrain_seed, "pretrain"))
     cfg = config.pretrain
     model.to(device)
     loader = dataset.loader(
-        "train", cfg.batch_size, shuffle=True, seed=derive_seed(config.seed, "pretrain-data")
+        "train",
+        cfg.batch_size,
+        shuffle=True,
+        seed=derive_seed(config.pretrain_seed, "pretrain-data"),
     )
     loader.to(device)
     result = PretrainResult()

@@ -25,7 +25,7 @@ from functools import cache
 from pathlib import Path
 
 import pwf_core
-from pwf_core._files import is_complete_safetensors
+from pwf_core._files import is_complete_safetensors, is_sound_safetensors
 from pwf_core.checkpoint import CheckpointSize
 from pwf_core.config import ExperimentConfig, config_hash, config_to_dict
 from pwf_core.registry import create_method
@@ -43,14 +43,42 @@ def code_version() -> str:
 
 
 def pretrain_key(config: ExperimentConfig) -> str:
-    """What determines pretraining: model, data, pretrain settings, seed and code."""
-    return config_hash(config.model, config.data, config.pretrain, config.seed, code_version())
+    """What determines pretraining: model, data, pretrain settings, its seed and code (so the
+    replicates of an experiment, and every method on the same base, share one)."""
+    return config_hash(
+        config.model, config.data, config.pretrain, config.pretrain_seed, code_version()
+    )
 
 
 def run_key(config: ExperimentConfig) -> str:
     """What determines a whole experiment: the config (but how it is executed) and the code."""
     values = {k: v for k, v in config_to_dict(config).items() if k != "execution"}
     return config_hash(values, code_version())
+
+
+def set_aside(path: Path) -> Path:
+    """Move a damaged file out of the way as ``<name>.corrupt`` (kept for a post-mortem)."""
+    aside = path.with_name(path.name + ".corrupt")
+    path.replace(aside)
+    return aside
+
+
+def usable_checkpoint(path: Path, warn: Callable[[str], None] | None = None) -> bool:
+    """Whether the checkpoint at ``path`` can be resumed from; a damaged one is set aside."""
+    if not path.exists():
+        return False
+    if is_sound_safetensors(path):
+        return True
+    set_aside(path)
+    if warn is not None:
+        warn(f"{path} is damaged or incomplete; moved aside as {path.name}.corrupt")
+    return False
+
+
+def setting_key(config: ExperimentConfig) -> str:
+    """What every replicate of an experiment shares: its run key with the replicate left out
+    (the report groups replicates by it; its ``seed`` and replicate index pair them)."""
+    return run_key(config.model_copy(update={"replicate": type(config.replicate)()}))
 
 
 @dataclass(frozen=True)
@@ -93,6 +121,11 @@ class ExperimentFiles:
         return self.final / "summary.json"
 
     @property
+    def early_stopped(self) -> Path:
+        """Where a sweep trial stopped early by its rule says so (no final/ follows)."""
+        return self.root / "early_stopped.json"
+
+    @property
     def lock_folder(self) -> Path:
         """Where the one-process-per-experiment lock lives (see :mod:`pwf_flows.run_lock`)."""
         return self.root
@@ -107,20 +140,24 @@ class ExperimentFiles:
         return sorted(found)
 
     def finished_steps(self, num_steps: int, warn: Callable[[str], None] | None = None) -> int:
-        """How many steps are done: the number of the newest whole step checkpoint.
+        """How many steps are done: the number of the newest sound step checkpoint.
 
-        A checkpoint that is not whole (a disk that filled up, a copy cut short) is moved
-        aside as ``*.corrupt``, with ``warn`` told, and the run resumes from the one before it
-        (which is still there: a new checkpoint is complete before the old one goes).
+        A checkpoint that is not whole (a disk that filled up, a copy cut short) or whose bytes
+        changed (its checksum) is moved aside as ``*.corrupt``, with ``warn`` told, and the run
+        resumes from the one before it, or from the start when it was the only one kept (every
+        step reseeds from the seed, so the steps done again give the same numbers).
         """
         for number, path in reversed(self.checkpoints()):
             if number > num_steps:
                 continue
-            if is_complete_safetensors(path):
+            if is_sound_safetensors(path):
                 return number
-            path.replace(path.with_name(path.name + ".corrupt"))
+            set_aside(path)
             if warn is not None:
-                warn(f"checkpoint {path.name} is incomplete; moved aside, resuming before it")
+                warn(
+                    f"checkpoint {path.name} is damaged or incomplete; moved aside as "
+                    f"{path.name}.corrupt, resuming before it"
+                )
         return 0
 
     def resume_point(self, finished: int) -> Path:
@@ -137,12 +174,18 @@ class ExperimentFiles:
             if number < finished:
                 path.unlink(missing_ok=True)
 
+    def remove_checkpoints(self) -> None:
+        """Remove every checkpoint (a run nobody will resume: stopped early)."""
+        self.init.unlink(missing_ok=True)
+        for _, path in self.checkpoints():
+            path.unlink(missing_ok=True)
+
     def clear_outputs(self) -> None:
         """Remove this experiment's files but its lock (its MLflow run is left as it is)."""
         if not self.root.is_dir():
             return
         for path in self.root.iterdir():
-            if path.name in ("run.lock", "run.owner"):
+            if path.name in ("run.lock", "run.owner", "prefect_run.json"):
                 continue
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)

@@ -4,7 +4,8 @@
 is omitted); ``pwf sweep SWEEP.yaml`` runs the ``pwf`` sweep flow with in-process trials, and
 ``--report`` prints its trials and Pareto front. Without ``PREFECT_API_URL`` a temporary Prefect
 server runs for the length of the command. ``pwf report`` compares finished runs; ``pwf export
-FILE`` writes a compressed model as ONNX and checks it in ONNX Runtime.
+FILE`` writes a compressed model as ONNX and checks it in ONNX Runtime; ``pwf ui`` serves the
+local stores in MLflow, the Prefect UI and optuna-dashboard (:mod:`pwf_flows.ui`).
 
 Everything that can be checked is checked before Prefect starts, before an MLflow run exists
 and before the artifacts folder is written: the config or sweep file, the dataset files, the
@@ -18,48 +19,35 @@ of these the same command continues where the run stopped.
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
-import time
 from importlib import resources
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from pwf_core._files import CheckpointError
-from pwf_core.config import (
-    ConfigError,
-    config_to_dict,
-    load_config,
-    parse_override_strings,
-)
 from pwf_core.data import DatasetError
-from pwf_core.registry import create_method
-from pwf_flows.checks import (
-    already_finished,
-    check_artifacts_dir,
-    check_disk,
-    check_not_running,
-    check_servers,
-    check_storage,
-    check_tracking_experiment,
-)
+from pwf_core.errors import CheckpointError, ConfigError
+from pwf_flows.commands.export import export_command
+from pwf_flows.commands.failures import Terminated, disk_message, one_line, quiet_prefect
+from pwf_flows.commands.report import report_command
+from pwf_flows.commands.run import run_command
+from pwf_flows.commands.sweep import sweep_command
 from pwf_flows.environment import configure_environment
 from pwf_flows.errors import ServerError, TrackingError
-from pwf_flows.infra import (
-    DiskFull,
-    InfraUnavailable,
-    is_disk_full,
-    is_interrupt,
-    set_infra_timeout,
-)
+from pwf_flows.infra import DiskFull, InfraUnavailable, is_disk_full
 from pwf_flows.run_lock import ExperimentBusy
+from pwf_flows.ui import add_parser as add_ui_parser
+from pwf_flows.ui import ui_command
 
 # The embedded default experiment ships inside the package (an installed wheel has no
 # checkout to find it in); configs/default.yaml in the repository is the same file.
 DEFAULT_CONFIG = Path(str(resources.files("pwf_flows.configs") / "default.yaml"))
+
+
 EXIT_BAD_INPUT = 2
+
 EXIT_INTERRUPTED = 130
+
 EXIT_TERMINATED = 143
 
 
@@ -108,6 +96,14 @@ def _parser() -> argparse.ArgumentParser:
         help="train on N processes (one per GPU; DDP, NCCL on GPUs, Gloo on CPUs)",
     )
     run.add_argument(
+        "--replicates",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the experiment under N seeds (replicate.index 0 to N-1, one pretrained model "
+        "shared) and summarise them: mean, std and 95 %% interval",
+    )
+    run.add_argument(
         "--fresh",
         action="store_true",
         help="start over even if this experiment finished (its MLflow run is kept)",
@@ -124,6 +120,13 @@ def _parser() -> argparse.ArgumentParser:
         "--report",
         action="store_true",
         help="print the study's trials and Pareto front, run nothing",
+    )
+    sweep.add_argument(
+        "--replay",
+        action="store_true",
+        help="apply the sweep's early-stopping rule (study.early_stopping, or the default one) "
+        "to the study's recorded rounds: which trials it would have stopped, the compute it "
+        "would have saved, whether the Pareto front would have lost a trial; run nothing",
     )
     report = commands.add_parser(
         "report", help="compare finished runs: HTML page, figures and tables from MLflow"
@@ -151,6 +154,17 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--one-panel", action="store_true", help="all runs in one panel (one dataset only)"
     )
+    report.add_argument(
+        "--reference",
+        metavar="METHOD",
+        help="the method the others are compared against (default: the first by name)",
+    )
+    report.add_argument(
+        "--budgets",
+        metavar="K,K,...",
+        default="8,16,32,64",
+        help="compare methods at these counts of shared values at most (default: 8,16,32,64)",
+    )
     export = commands.add_parser(
         "export", help="write a compressed model as ONNX (codebook + indices) and check it"
     )
@@ -158,306 +172,13 @@ def _parser() -> argparse.ArgumentParser:
         "file", type=Path, help="a compressed model, e.g. a run's final/model.pwf.safetensors"
     )
     export.add_argument("--out", type=Path, help="the ONNX file (default: FILE with .onnx)")
+    export.add_argument(
+        "--preprocess",
+        action="store_true",
+        help="put the dataset's normalisation into the graph: the file takes raw pixels",
+    )
+    add_ui_parser(commands)
     return parser
-
-
-def _browse_hint(tracking_uri: str) -> str:
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri}"
-    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
-
-
-def run_command(args: argparse.Namespace, argv: list[str]) -> int:
-    from pwf_core.distributed import init_from_environment, is_main
-    from pwf_core.preflight import preflight
-
-    overrides = parse_override_strings(args.overrides)
-    if args.keep_checkpoints:
-        overrides["execution.keep_checkpoints"] = True
-    config = load_config(args.config, overrides)
-    artifacts = check_artifacts_dir(args.artifacts or "artifacts")
-    args.artifacts_folder = artifacts
-    set_infra_timeout(config.execution.infra_timeout_s)
-    if args.nproc < 1:
-        raise ConfigError(f"--nproc: must be at least 1, got {args.nproc}")
-    distributed = init_from_environment()
-    if distributed and not is_main():
-        from pwf_flows.distributed import follow
-
-        follow(config)  # rank 0 checked the input and runs the flow; follow its lead
-        return 0
-    preflight(config)
-    check_not_running(config, artifacts)
-    check_servers()
-    if args.fresh or not already_finished(config, artifacts):
-        check_disk(config, artifacts)
-    check_tracking_experiment(config.name)
-    if args.nproc > 1 and not distributed:
-        from pwf_flows.distributed import relaunch
-
-        return relaunch(_without_nproc(argv), args.nproc)
-    try:
-        return _run(config, artifacts, args)
-    finally:
-        # After Ctrl-C or SIGTERM the other ranks were signalled too, and one may wait in a
-        # collective this rank left: leave without a word (the closed connections end it).
-        if distributed and not is_interrupt(sys.exc_info()[1]):
-            from pwf_flows.distributed import lead
-
-            lead("done")
-
-
-def _without_nproc(argv: list[str]) -> list[str]:
-    kept, skip = [], False
-    for item in argv:
-        if skip:
-            skip = False
-        elif item == "--nproc":
-            skip = True
-        elif not item.startswith("--nproc="):
-            kept.append(item)
-    return kept
-
-
-def _run(config, artifacts: str, args: argparse.Namespace) -> int:
-    from pwf_flows.artifacts import ExperimentFiles
-    from pwf_flows.results import finished_result
-    from pwf_flows.server import prefect_api
-    from pwf_flows.tracking import shown_uri
-
-    started = time.perf_counter()
-    files = ExperimentFiles.for_config(config, artifacts)
-    result = None if args.fresh else finished_result(config, files)
-    if result is None:
-        with prefect_api():
-            from pwf_flows.experiment import pwf_experiment  # Prefect reads the server URL now
-
-            _no_tracebacks_for_expected_failures()
-            result = pwf_experiment(
-                config=config_to_dict(config),
-                artifacts_dir=artifacts,
-                progress=not args.no_progress,
-                fresh=args.fresh,
-                source=f"pwf run {args.config}",
-            )
-    from pwf_flows.experiment.summary import size_line
-
-    metrics = result["metrics"]
-    verb = "was already complete (nothing changed; --fresh to run again)"
-    if not result["already_complete"]:
-        verb = f"finished in {time.perf_counter() - started:.0f} s"
-    method = create_method(config.compression)
-    knob = method.size_knob
-    print(
-        f"\npwf run {verb}\n  {method.summary_line(metrics)}\n"
-        f"  model file: {size_line(metrics)}\n"
-        + (f"  fewer or more values: turn {knob}\n" if knob else "")
-        + f"  artifacts:  {result['artifacts']}\n"
-        f"  MLflow run: {result['run_id']} in experiment '{result['experiment']}' "
-        f"({shown_uri(result['tracking_uri'])})\n"
-        f"  run page:   {result['url']}\n"
-        f"  browse:     {_browse_hint(shown_uri(result['tracking_uri']))}"
-    )
-    return 0
-
-
-def sweep_command(args: argparse.Namespace) -> int:
-    from pwf_flows.sweep.spec import load_sweep, masked_url
-
-    overrides = parse_override_strings(args.overrides)
-    if args.artifacts:
-        overrides["execution.artifacts_dir"] = check_artifacts_dir(args.artifacts)
-    spec = load_sweep(args.sweep, overrides)
-    args.artifacts_folder = check_artifacts_dir(spec.execution.artifacts_dir)
-    if args.report:
-        from pwf_flows.sweep.report import pareto_report  # imports Optuna: after validation
-
-        table = pareto_report(spec)
-        if table is None:
-            print(
-                f"pwf: no study '{spec.name}' in {masked_url(spec.study.resolved_storage())} yet",
-                file=sys.stderr,
-            )
-            return 1
-        where = masked_url(spec.study.resolved_storage())
-        print(f"study '{spec.name}' ({where}): {len(table)} complete trials")
-        print(table.to_string(index=False) if not table.empty else "(no complete trial)")
-        return 0
-    set_infra_timeout(spec.infra_timeout_s)
-    check_servers()
-    check_storage(spec.study.resolved_storage())
-    check_disk(spec.trial_config({}), spec.execution.artifacts_dir, runs=spec.n_trials)
-    check_tracking_experiment(spec.name)
-    from pwf_flows.server import prefect_api
-
-    started = time.perf_counter()
-    with prefect_api():
-        from pwf_flows.sweep.flow import pwf  # Prefect reads the server URL now
-
-        _no_tracebacks_for_expected_failures()
-        result = pwf(sweep=str(args.sweep), overrides=overrides, progress=not args.no_progress)
-    timing = result["timing"]
-    verb = f"finished in {time.perf_counter() - started:.0f} s"
-    if result.get("already_complete"):
-        verb = "was already complete (nothing changed; raise study.n_trials to continue it)"
-    print(
-        f"\npwf sweep {verb}: "
-        f"{result['complete_trials']} complete trials in study '{result['study']}'\n"
-        f"  orchestration overhead: {timing['sweep/orchestration_s']:.0f} s of "
-        f"{timing['sweep/wall_s']:.0f} s (training, fixing and evaluation: "
-        f"{timing['sweep/compute_s']:.0f} s)\n"
-        f"  MLflow parent run: {result['mlflow_run_id']} ({result['url']})\n"
-        f"  Pareto front: pwf sweep {args.sweep} --report"
-    )
-    return 0
-
-
-def report_command(args: argparse.Namespace) -> int:
-    """``pwf report``: every problem with what it is asked for (an unknown experiment or run,
-    an empty selection, a tracking URI that does not answer) ends in one line and exit 2,
-    before anything is written."""
-    from pwf_flows.report.collect import ReportError, Selection
-    from pwf_flows.report.store import open_store
-
-    sweep = args.sweep
-    if sweep is not None and sweep.endswith((".yaml", ".yml")):
-        from pwf_flows.sweep.spec import sweep_name
-
-        sweep = sweep_name(Path(sweep))
-    selection = Selection(tuple(args.experiment), sweep, tuple(args.run), args.one_panel)
-    covered = [*args.experiment, *([sweep] if sweep else []), *args.run]
-    title = args.title or f"pwf report: {', '.join(covered)}"
-    folder = args.out or Path("reports") / slug(covered)
-    if folder.exists() and not folder.is_dir():
-        raise ReportError(f"--out: '{folder}' is a file, not a folder")
-    client, source = open_store(args.tracking_uri)
-    from pwf_flows.report import build_report, write_report
-
-    report = build_report(client, selection, title, source)
-    paths = write_report(report, folder)
-    print(
-        f"pwf report: {len(report.runs)} runs\n"
-        + "".join(f"  {name + ':':<12}{path}\n" for name, path in paths.items())
-        + f"  open:       file://{paths['html'].resolve()}"
-    )
-    return 0
-
-
-# Input sides of the datasets whose images have one size, for a file whose architecture
-# records none (pwf's runs record the dataset's; a spec written by hand may leave it out).
-_NATIVE_SIDES = {"digits": 8, "mnist": 28, "cifar10": 32}
-_EXAMPLE_BATCH = 8
-
-
-def _input_side(img_size: int | None, config: dict, path: Path) -> int:
-    if img_size is not None:
-        return img_size
-    data = config.get("data") or {}
-    name = data.get("name", "digits")
-    side = data.get("img_size", 224) if name == "imagefolder" else _NATIVE_SIDES.get(name)
-    if side is None:
-        raise CheckpointError(
-            f"'{path}' records no input size; export it from Python with "
-            "pwf_core.export_onnx(model, path, example_input)"
-        )
-    return int(side)
-
-
-def export_command(args: argparse.Namespace) -> int:
-    """``pwf export``: a compressed model as ONNX, run in ONNX Runtime against pwf's logits.
-
-    A file that is not a finished compressed model of a registered or timm architecture (a
-    step checkpoint, a truncated or corrupted file, one saved from the user's own class) ends
-    in one line and exit 2 before anything is written.
-    """
-    import torch
-
-    from pwf_core.export import load_compressed, read_header
-    from pwf_core.models import ModelSpec
-    from pwf_core.onnx_export import check_onnx, export_onnx
-
-    out = args.out or args.file.with_suffix(".onnx")
-    if out.is_dir():
-        raise CheckpointError(f"--out: '{out}' is a folder; name the .onnx file to write")
-    header = read_header(args.file)
-    if header.get("model") is None:
-        raise CheckpointError(
-            f"'{args.file}' was saved from your own class {header.get('model_class')}, which "
-            "pwf cannot rebuild: in Python, load it with pwf_core.load_compressed(path, "
-            "model=MyNet()) and write it with pwf_core.export_onnx(model, path, example_input)"
-        )
-    try:
-        spec = ModelSpec(**header["model"])
-        model = load_compressed(args.file)
-        side = _input_side(spec.img_size, header.get("config") or {}, args.file)
-        example = torch.rand(
-            _EXAMPLE_BATCH, spec.in_chans, side, side, generator=torch.Generator().manual_seed(0)
-        )
-        result = export_onnx(model, out, example)
-    except (ValueError, TypeError, KeyError) as err:
-        # a header that parses but describes no model this pwf can load and run (including
-        # NotCompressedError: free weights), said as one line rather than a traceback
-        problem = f"it has no {err.args[0]!r}" if isinstance(err, KeyError) else str(err)
-        raise CheckpointError(f"'{args.file}' cannot be exported: {one_line(problem)}") from None
-    difference = check_onnx(result.path, model, example)
-    print(
-        f"pwf export: {result.path}: {result.file_bytes:,} bytes (float ONNX "
-        f"{result.float_bytes:,} bytes, {result.ratio:.1f}x smaller); "
-        f"{len(result.shared_tensors)} shared tensors on {result.codebook_size} values "
-        f"({result.index_dtype} indices); max |logit difference| vs pwf {difference:.2g}"
-    )
-    return 0
-
-
-def slug(names: list[str]) -> str:
-    """A folder name for what a report covers."""
-    text = "-".join(names)[:60] or "report"
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
-
-
-def one_line(message: str) -> str:
-    """A possibly multi-line error as one line: ``title: field: problem; field: problem``."""
-    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].endswith(":"):
-        return f"{lines[0]} " + "; ".join(lines[1:])
-    return "; ".join(lines)
-
-
-def _quiet_prefect() -> None:
-    """After Ctrl-C, Prefect's engine would log the interruption as a crash with a traceback."""
-    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-
-
-def _expected(error: BaseException | None) -> bool:
-    """A failure that ends in one ``pwf:`` line (and its rerun), not in a bug report."""
-    expected = (KeyboardInterrupt, InfraUnavailable, DiskFull, ExperimentBusy, ConfigError)
-    return error is not None and (isinstance(error, expected) or is_disk_full(error))
-
-
-class _ExpectedFailureFilter(logging.Filter):
-    """Prefect's engine logs a failed task or flow with its traceback; for an expected failure
-    (a full disk, a server that stayed away, the experiment busy) the log line stays, the
-    traceback goes: the command's last line says what happened and what to do."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and _expected(record.exc_info[1]):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-def _no_tracebacks_for_expected_failures() -> None:
-    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
-    for logger in loggers:
-        for handler in getattr(logger, "handlers", []):
-            if not any(isinstance(f, _ExpectedFailureFilter) for f in handler.filters):
-                handler.addFilter(_ExpectedFailureFilter())
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (what Kubernetes, Slurm and ``kill`` send), handled like Ctrl-C: every layer
-    that closes a run on an interrupt (Prefect's engine, the MLflow run, the temporary server)
-    does so for this too."""
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
@@ -465,13 +186,6 @@ def _on_sigterm(signum: int, frame: object) -> None:
     # grace period is what ends a shutdown that hangs.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated
-
-
-def _disk_message(err: BaseException, where: str) -> str:
-    return (
-        f"no space left on the disk of {where} ({one_line(str(err))}); free space there and "
-        "run the same command to continue"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -486,13 +200,15 @@ def main(argv: list[str] | None = None) -> int:
             return report_command(args)
         if args.command == "export":
             return export_command(args)
+        if args.command == "ui":
+            return ui_command(args)
         return sweep_command(args)
     except Terminated:
-        _quiet_prefect()
+        quiet_prefect()
         print("\npwf: terminated; rerun the same command to continue", file=sys.stderr)
         return EXIT_TERMINATED
     except KeyboardInterrupt:
-        _quiet_prefect()
+        quiet_prefect()
         print("\npwf: interrupted; rerun the same command to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (
@@ -506,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pwf: {one_line(str(err))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except InfraUnavailable as err:
-        _quiet_prefect()
+        quiet_prefect()
         print(f"pwf: {one_line(str(err))}", file=sys.stderr)
         return err.exit_code
     except DiskFull as err:
@@ -515,9 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if not is_disk_full(err):
             raise
-        _quiet_prefect()
+        quiet_prefect()
         print(
-            f"pwf: {_disk_message(err, args.artifacts or 'the artifacts folder')}", file=sys.stderr
+            f"pwf: {disk_message(err, args.artifacts or 'the artifacts folder')}", file=sys.stderr
         )
         return DiskFull.exit_code
     finally:

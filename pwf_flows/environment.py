@@ -9,6 +9,7 @@ directory unless ``MLFLOW_TRACKING_URI`` points elsewhere (e.g. a shared ``mlflo
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -44,3 +45,14 @@ def configure_environment(workdir: Path | None = None) -> None:
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+    _quiet_library_retries()
+
+
+# Loggers that narrate each retry of a call during an outage. pwf waits outages out itself and
+# says so once per outage (pwf_flows.infra): their lines every few seconds would bury it.
+_RETRY_NARRATORS = ("urllib3.connectionpool", "urllib3.util.retry", "mlflow.utils.request_utils")
+
+
+def _quiet_library_retries() -> None:
+    for name in _RETRY_NARRATORS:
+        logging.getLogger(name).setLevel(logging.ERROR)

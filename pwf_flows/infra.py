@@ -25,7 +25,9 @@ Exit codes of the ``pwf`` command (also in the README):
 from __future__ import annotations
 
 import errno
+import http.client
 import logging
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -35,7 +37,9 @@ from typing import TypeVar
 T = TypeVar("T")
 
 DEFAULT_INFRA_TIMEOUT_S = 600.0
-START_TIMEOUT_S = 30.0  # how long a command waits for a service at its start
+# How long a command waits for a service at its start: with the command's own start (imports,
+# reading its input) a silent server is reported within 30 s of typing the command.
+START_TIMEOUT_S = 20.0
 _BACKOFF_FIRST_S = 1.0
 _BACKOFF_MAX_S = 30.0
 
@@ -158,19 +162,53 @@ def is_disk_full(error: BaseException) -> bool:
     return False
 
 
+# The services this process found unreachable, and since when: an outage is announced once,
+# when the first call meets it, and its end once, whichever calls (threads included) wait.
+_outages: dict[str, float] = {}
+_outages_lock = threading.Lock()
+
+
+def _outage_began(service: str, error: BaseException, budget_s: float) -> None:
+    with _outages_lock:
+        if service in _outages:
+            return
+        _outages[service] = time.monotonic()
+    _logger.warning(
+        "pwf: %s is unreachable (%s); waiting up to %.0f s for it to come back",
+        service,
+        _first_line(error),
+        budget_s,
+    )
+
+
+def _outage_ended(service: str) -> None:
+    with _outages_lock:
+        began = _outages.pop(service, None)
+    if began is not None:
+        _logger.warning("pwf: %s is back after %.0f s", service, time.monotonic() - began)
+
+
 def retry_transient(
     call: Callable[[], T],
-    what: str,
+    service: str,
     unavailable: type[InfraUnavailable],
     timeout_s: float | None = None,
+    *,
+    doing: str | None = None,
+    quiet: bool = False,
 ) -> T:
     """Run ``call``, retrying outages with exponential backoff (1 s, 2 s, ... 30 s).
 
+    The outage is logged once, when it begins, and once when the service is back, however
+    many calls wait it out meanwhile.
+
     Args:
         call: The operation; it must be safe to repeat after a failed attempt.
-        what: The service and its address, for the log and the final error.
+        service: The service and its address (credentials masked), for the log and the error.
         unavailable: The error raised when the outage outlasts ``timeout_s``.
         timeout_s: How long to keep trying (default: :func:`infra_timeout_s`).
+        doing: What the call was doing, for the final error.
+        quiet: Log nothing (a check at a command's start, whose error says it all).
 
     Raises:
         InfraUnavailable: ``unavailable``, once the outage lasted longer than ``timeout_s``.
@@ -179,34 +217,37 @@ def retry_transient(
     budget = infra_timeout_s() if timeout_s is None else timeout_s
     started = time.monotonic()
     delay = _BACKOFF_FIRST_S
-    attempt = 0
+    failed = False
     while True:
         try:
-            return call()
+            result = call()
         except Exception as err:
             if not is_transient(err):
                 raise
             waited = time.monotonic() - started
             if waited >= budget:
+                where = f"{service} ({doing})" if doing else service
                 raise unavailable(
-                    f"{what} has been unreachable for {waited:.0f} s ({_first_line(err)}); "
+                    f"{where} has been unreachable for {waited:.0f} s ({_first_line(err)}); "
                     "rerun the same command once it is back"
                 ) from err
-            attempt += 1
-            if attempt == 1 or attempt % 5 == 0:
-                _logger.warning(
-                    "%s is unreachable (%s); retrying for up to %.0f s more",
-                    what,
-                    _first_line(err),
-                    budget - waited,
-                )
+            if not failed and not quiet:
+                _outage_began(service, err, budget - waited)
+            failed = True
             time.sleep(min(delay, max(budget - waited, 0.1)))
             delay = min(delay * 2, _BACKOFF_MAX_S)
+            continue
+        if not quiet:
+            _outage_ended(service)
+        return result
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    first = text[0] if text else type(error).__name__
+    """What went wrong, in one line: the root of the error's chain (``connection refused``),
+    not a wrapper's guess (Optuna's "invalid data in the commit" around a lost connection)."""
+    root = list(_chain(error))[-1]
+    text = str(root).strip().splitlines()
+    first = text[0] if text else type(root).__name__
     return first if len(first) <= 160 else first[:157] + "..."
 
 
@@ -226,18 +267,21 @@ def wait_for_http(
     request = urllib.request.Request(url, headers=headers or {})
     last = "no answer"
     while True:
+        # A server that accepts the connection and never answers costs what is left of the
+        # budget, not a fixed timeout past it.
+        left = deadline - time.monotonic()
         try:
-            with urllib.request.urlopen(request, timeout=5):
+            with urllib.request.urlopen(request, timeout=max(0.5, min(5.0, left))):
                 return
         except urllib.error.HTTPError as err:
             if err.code < 500:
                 return  # it answers (a 401 without credentials still proves it is up)
             last = f"HTTP {err.code}"
-        except OSError as err:
-            last = str(getattr(err, "reason", err))
-        if time.monotonic() >= deadline:
+        except (OSError, http.client.HTTPException) as err:
+            last = str(getattr(err, "reason", err)) or type(err).__name__
+        if time.monotonic() >= deadline - 0.5:
             raise unavailable(
                 f"{what} did not answer in {timeout_s:.0f} s ({last}); start it, or point pwf "
                 "at another one"
             )
-        time.sleep(1.0)
+        time.sleep(min(1.0, max(0.0, deadline - 0.5 - time.monotonic())))

@@ -8,7 +8,8 @@ from typing import Any
 
 from pwf_core.config import ExperimentConfig
 from pwf_flows.artifacts import ExperimentFiles
-from pwf_flows.tracking import find_run, run_url, tracking_uri
+from pwf_flows.links import run_url, served_prefect_url
+from pwf_flows.tracking import find_run, tracking_uri
 
 
 def finished_result(config: ExperimentConfig, files: ExperimentFiles) -> dict[str, Any] | None:
@@ -25,6 +26,7 @@ def finished_result(config: ExperimentConfig, files: ExperimentFiles) -> dict[st
         "artifacts": str(files.root),
         "tracking_uri": tracking_uri(),
         "url": run_url(run.info.experiment_id, run.info.run_id),
+        "prefect_url": served_prefect_url(run.data.tags.get("prefect.flow_run_url")),
         "metrics": summary["metrics"],
         "timing": {k: v for k, v in run.data.metrics.items() if k.startswith("time/")},
         "already_complete": True,

@@ -34,7 +34,8 @@ class ExperimentBusy(RuntimeError):
     """The experiment is being computed by another live process."""
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -67,7 +68,7 @@ def _live_owner(owner: dict[str, Any] | None) -> bool:
     if owner is None:
         return False
     if owner.get("host") == socket.gethostname():
-        return owner.get("pid") != os.getpid() and _alive(int(owner.get("pid", -1)))
+        return owner.get("pid") != os.getpid() and process_alive(int(owner.get("pid", -1)))
     return time.time() - float(owner.get("heartbeat", 0)) < STALE_AFTER_S
 
 

@@ -9,7 +9,8 @@ or to every process of a job (what batch schedulers and ``systemctl stop`` send)
 command, which marks its runs KILLED through the still-listening server and then stops it with
 SIGINT, instead of retrying for a minute against a server that died first. Starts are
 serialised by a lock file, so two commands on a fresh ``PREFECT_HOME`` do not migrate its
-database at the same time.
+database at the same time. The links Prefect gives the runs (``PREFECT_UI_URL``) name the
+Prefect UI of ``pwf ui``, which serves the same ``PREFECT_HOME`` after the command ended.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from pwf_core._files import file_lock
 from pwf_flows.errors import ServerError
+from pwf_flows.links import PREFECT_UI
 
 PR_SET_PDEATHSIG = 1
 DRAIN_TIMEOUT_S = 3.0  # per queue; an interrupted command must end within seconds
@@ -147,11 +149,18 @@ def prefect_api() -> Iterator[str]:
                 raise ServerError(f"the temporary Prefect server did not answer in {timeout:.0f} s")
             time.sleep(0.2)
     os.environ["PREFECT_API_URL"] = url
+    # The temporary server has no UI and is gone once the command ends: the links Prefect
+    # makes (flow_run.ui_url, task runs) name where `pwf ui` serves this PREFECT_HOME.
+    ui_url = None if "PREFECT_UI_URL" in os.environ else PREFECT_UI.url()
+    if ui_url:
+        os.environ["PREFECT_UI_URL"] = ui_url
     try:
         yield url
     finally:
         _drain_prefect_clients()
         del os.environ["PREFECT_API_URL"]
+        if ui_url:
+            del os.environ["PREFECT_UI_URL"]
         process.send_signal(signal.SIGINT)
         try:
             process.wait(timeout=5)

@@ -12,6 +12,7 @@ import contextlib
 import getpass
 import subprocess
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import cache
@@ -26,13 +27,13 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from sqlalchemy.engine import make_url
 
-from pwf_core._files import file_lock
+from pwf_core._files import file_lock, sqlite_file_problem
 from pwf_flows.errors import TrackingError
 from pwf_flows.infra import TrackingUnavailable, is_interrupt, retry_transient
+from pwf_flows.links import run_url
 
 T = TypeVar("T")
 MAX_BATCH = 900  # MLflow accepts at most 1000 entities per log_batch call
-LOCAL_UI = "http://127.0.0.1:5000"
 # MLflow 3 opens an experiment in its GenAI view (traces) unless the experiment says it holds
 # model training; every pwf experiment does, so every link lands on its runs.
 EXPERIMENT_KIND = "mlflow.experimentKind"
@@ -60,13 +61,67 @@ def shown_uri(uri: str | None = None) -> str:
     return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
 
 
+_DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+_OTHER_SCHEMES = ("databricks", "databricks-uc", "uc")
+
+
+def tracking_uri_problem(uri: str) -> str | None:
+    """Why MLflow cannot record into ``uri`` (words that follow the URI in a message), or
+    ``None`` when it can try: a malformed URL, a SQLite file that is no database or sits in no
+    folder, MLflow's retired file store."""
+    scheme, sep, _ = uri.partition("://")
+    scheme = scheme.lower()
+    if not sep and uri.startswith("databricks"):
+        return None
+    if scheme in ("http", "https"):
+        try:
+            parts = urllib.parse.urlsplit(uri)
+            port = parts.port  # raises for a port that is not a number
+        except ValueError as err:
+            return f"is not a valid URL ({err})"
+        if not parts.hostname:
+            return "names no host"
+        return None if port is None or port > 0 else f"has port {port}, which no server uses"
+    if scheme.split("+")[0] in _DATABASE_SCHEMES:
+        try:
+            parsed = make_url(uri)
+        except Exception as err:  # sqlalchemy raises ArgumentError, ValueError, ...
+            return f"is not a database URL ({err})"
+        if parsed.get_backend_name() == "sqlite":
+            if not parsed.database or parsed.database == ":memory:":
+                return "names no database file (sqlite:////absolute/path/mlruns.db)"
+            problem = sqlite_file_problem(parsed.database)
+            return None if problem is None else f"names an unusable database file: {problem}"
+        return None
+    if scheme in _OTHER_SCHEMES:
+        return None
+    return (
+        "is not a server (http://host:port) or a database (sqlite:///path/mlruns.db, "
+        "postgresql://...) that pwf records into"
+    )
+
+
+def check_tracking_uri(uri: str | None = None) -> str:
+    """``uri`` (default: the current tracking URI), refused with one line when MLflow cannot
+    record into it.
+
+    Raises:
+        TrackingError: naming the URI (password masked) and what is wrong with it.
+    """
+    uri = uri if uri is not None else tracking_uri()
+    problem = tracking_uri_problem(uri)
+    if problem is not None:
+        raise TrackingError(f"MLflow tracking URI '{shown_uri(uri)}' {problem}")
+    return uri
+
+
 def retried(call: Callable[[], T], what: str = "call") -> T:
     """``call()`` with outages of the tracking store waited out (see :mod:`pwf_flows.infra`).
 
     Raises:
         TrackingUnavailable: once an outage outlasted the process's budget.
     """
-    return retry_transient(call, f"MLflow at {shown_uri()} ({what})", TrackingUnavailable)
+    return retry_transient(call, f"MLflow at {shown_uri()}", TrackingUnavailable, doing=what)
 
 
 @contextmanager
@@ -149,24 +204,6 @@ def experiment_id(mlflow_client: MlflowClient, name: str) -> str:
     return existing.experiment_id
 
 
-def _ui(uri: str | None) -> str:
-    uri = uri or tracking_uri()
-    if not uri.startswith(("http://", "https://")):
-        return LOCAL_UI
-    scheme, _, rest = uri.rstrip("/").partition("://")
-    return f"{scheme}://{rest.rpartition('@')[2]}"  # no credentials in a link
-
-
-def run_url(experiment: str, run_id: str, uri: str | None = None) -> str:
-    """Where a person opens the run: the server's page, or the local UI's for a SQLite store."""
-    return f"{_ui(uri)}/#/experiments/{experiment}/runs/{run_id}"
-
-
-def experiment_url(experiment: str, uri: str | None = None) -> str:
-    """The experiment's runs table (the model-training view: see :data:`TRAINING_VIEW`)."""
-    return f"{_ui(uri)}/#/experiments/{experiment}"
-
-
 def note(description: str, links: Mapping[str, str | None]) -> str:
     """A run's description as MLflow renders it (markdown): the text, then one clickable
     link per named page (``None`` leaves a page out)."""
@@ -190,16 +227,26 @@ def standard_tags(source: str, description: str | None = None) -> dict[str, str]
 class RunTracker:
     """Logs one MLflow run: params, tags, metrics with steps, artifacts, final status.
 
+    Logging is idempotent across resumes: whatever path a run resumes by (a step done again
+    after a damaged checkpoint, the final evaluation after a lost folder), a metric already
+    holding a value at a step is not given a second one, a param is written once, and an image
+    is logged once per key and step. What legitimately changes between sessions (a continued
+    sweep's totals) goes through :meth:`log_latest`, at a step of its own each time.
+
     Args:
         run_id: The run.
         experiment_id: Its MLflow experiment.
         mlflow_client: Client bound to the tracking URI.
+        new: The run was just created, so nothing is logged in it yet.
     """
 
-    def __init__(self, run_id: str, experiment_id: str, mlflow_client: MlflowClient) -> None:
+    def __init__(
+        self, run_id: str, experiment_id: str, mlflow_client: MlflowClient, new: bool = False
+    ) -> None:
         self.run_id = run_id
         self.experiment_id = experiment_id
         self.client = mlflow_client
+        self._logged: dict[str, dict[int, float]] | None = {} if new else None
 
     @classmethod
     def open(
@@ -229,7 +276,7 @@ class RunTracker:
         run = retried(
             lambda: mlflow_client.create_run(eid, tags=all_tags, run_name=run_name), "create run"
         )
-        return cls(run.info.run_id, eid, mlflow_client)
+        return cls(run.info.run_id, eid, mlflow_client, new=True)
 
     @classmethod
     def reopened(cls, experiment: str, run_id: str) -> RunTracker:
@@ -239,7 +286,7 @@ class RunTracker:
 
     @property
     def url(self) -> str:
-        return run_url(self.experiment_id, self.run_id)
+        return run_url(self.experiment_id, self.run_id, self.client.tracking_uri)
 
     def _call(self, what: str, method, *args, **kwargs):
         return retried(lambda: method(*args, **kwargs), what)
@@ -263,9 +310,23 @@ class RunTracker:
         entries = [RunTag(k, str(v)) for k, v in tags.items()]
         self._call("set tags", self.client.log_batch, self.run_id, tags=entries)
 
+    def _points(self) -> dict[str, dict[int, float]]:
+        """Every metric point of the run, ``{key: {step: value}}``, read once per tracker."""
+        if self._logged is None:
+            keys = list(self.logged_metrics())
+            self._logged = {
+                key: {
+                    m.step: m.value
+                    for m in self._call(
+                        "read metrics", self.client.get_metric_history, self.run_id, key
+                    )
+                }
+                for key in keys
+            }
+        return self._logged
+
     def logged_steps(self, key: str) -> set[int]:
-        history = self._call("read metrics", self.client.get_metric_history, self.run_id, key)
-        return {m.step for m in history}
+        return set(self._points().get(key, {}))
 
     def logged_metrics(self) -> dict[str, float]:
         """The latest value of every metric of the run."""
@@ -274,21 +335,51 @@ class RunTracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         self.log_series([(key, value, step) for key, value in metrics.items()])
 
+    def log_latest(self, metrics: Mapping[str, float]) -> None:
+        """Log values that change between sessions (a continued sweep's totals): each at the
+        step after the key's last one, unless it equals the value logged last. The keys'
+        histories are read afresh (another process, a second sweep driver, may have logged
+        since); a caller that shares the run serialises these calls."""
+        logged = self._points()
+        for key in metrics:
+            history = self._call("read metrics", self.client.get_metric_history, self.run_id, key)
+            logged[key] = {m.step: m.value for m in history}
+        points = []
+        for key, value in metrics.items():
+            history = logged[key]
+            if history and history[max(history)] == float(value):
+                continue
+            points.append((key, value, max(history) + 1 if history else 0))
+        self.log_series(points)
+
     def log_series(self, points: list[tuple[str, float, int]]) -> None:
         """Log ``(key, value, step)`` points in as few calls as MLflow allows (curves).
 
-        A batch is retried whole after an outage; MLflow's store drops a metric point equal
-        to one it holds (same key, step, timestamp and value), so a batch that was written
-        before the connection broke is not logged twice.
+        A point whose key already has a value at its step (logged before a crash, or by an
+        earlier session of a resumed run) is left out. A batch is retried whole after an
+        outage; MLflow's store drops a metric point equal to one it holds (same key, step,
+        timestamp and value), so a batch that was written before the connection broke is not
+        logged twice.
         """
+        logged = self._points()
         now = int(time.time() * 1000)
-        entries = [Metric(key, float(value), now, step) for key, value, step in points]
+        entries = []
+        for key, value, step in points:
+            steps = logged.setdefault(key, {})
+            if step not in steps:
+                steps[step] = float(value)
+                entries.append(Metric(key, float(value), now, step))
         for start in range(0, len(entries), MAX_BATCH):
             batch = entries[start : start + MAX_BATCH]
             self._call("log metrics", self.client.log_batch, self.run_id, metrics=batch)
 
     def log_image(self, path: Path, key: str) -> None:
-        """A PNG as an MLflow image under ``key`` (shown side by side in the compare view)."""
+        """A PNG as an MLflow image under ``key`` (shown side by side in the compare view),
+        once: a resumed run that logged it already leaves it."""
+        prefix = f"images/{key.replace('/', '~')}+step+0+"
+        listed = self._call("list artifacts", self.client.list_artifacts, self.run_id, "images")
+        if any(item.path.startswith(prefix) for item in listed):
+            return
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("RGB"))
         self._call("log image", self.client.log_image, self.run_id, pixels, key=key, step=0)
@@ -307,9 +398,10 @@ class RunTracker:
         """
         retry_transient(
             lambda: self.client.set_terminated(self.run_id, status=status),
-            f"MLflow at {shown_uri()} (end run)",
+            f"MLflow at {shown_uri()}",
             TrackingUnavailable,
             timeout_s,
+            doing="end run",
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -13,13 +14,31 @@ from pwf_core.data import ImageDataset, load_dataset
 from pwf_core.pretrain import build_experiment_model, pretrain
 from pwf_flows.environment import configure_environment
 
-torch.set_num_threads(2)
+# Under pytest-xdist each of the two test processes computes on one core (and so do the
+# commands it starts): two processes of two threads each on two cores lose more to OpenMP's
+# spinning than they gain.
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+torch.set_num_threads(THREADS)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 # What the pwf command does when it starts (offline Prefect and MLflow), before any test
 # module imports Prefect.
 configure_environment()
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _nothing_logged_twice(request):
+    """After every test, every MLflow store it left in its tmp_path holds each metric once
+    per step, whatever resume paths the test took."""
+    folder = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if folder is not None:
+        from tests._dummies.mlflow_store import assert_stores_logged_once
+
+        assert_stores_logged_once(folder)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from tests._dummies.files import (
     write_crafted_pt,
     write_image_folder,
 )
-from tests._dummies.services import exited, temporary_server, wait_until
+from tests._dummies.services import exited, temporary_server, wait_until, with_default_signals
 from tests.conftest import DEFAULT_CONFIG, ROOT
 
 
@@ -68,6 +69,18 @@ def _weights(tmp: Path, classes: int) -> str:
 def _garbage(tmp: Path, name: str) -> str:
     path = tmp / name
     path.write_bytes(b"\x00garbage" * 20)
+    return str(path)
+
+
+def _text(tmp: Path, name: str) -> str:
+    path = tmp / name
+    path.write_text("these are my notes, not weights\n" * 20)
+    return str(path)
+
+
+def _random(tmp: Path, name: str, size: int = 4096) -> str:
+    path = tmp / name
+    path.write_bytes(random.Random(0).randbytes(size))
     return str(path)
 
 
@@ -191,6 +204,53 @@ BAD_INPUTS = [
         lambda t: ["sweep", _sweep(t, study={"n_trials": 2, "storage": "redis://x/0"})],
         "study.storage",
     ),
+    ("weights-text-as-pt", lambda t: [*RUN, "--set", f"model.weights={_text(t, 'w.pt')}"], "w.pt"),
+    ("weights-a-folder", lambda t: [*RUN, "--set", f"model.weights={t}"], "is a folder"),
+    ("config-a-folder", lambda t: ["run", str(t)], "is a folder"),
+    (
+        "config-repeated-key",
+        lambda t: ["run", _raw(t, b"name: a\ntrain:\n  lr: 0.1\n  lr: 0.2\n")],
+        "'lr' on line 4 repeats the one on line 3",
+    ),
+    (
+        "sweep-repeated-key",
+        lambda t: ["sweep", _raw(t, b"name: a\nname: b\n")],
+        "'name' on line 2 repeats",
+    ),
+    (
+        "sweep-storage-not-sqlite",
+        lambda t: [
+            "sweep",
+            _sweep(t, study={"n_trials": 2, "storage": f"sqlite:///{_text(t, 'notes.db')}"}),
+        ],
+        "is not a SQLite database",
+    ),
+    (
+        "tracking-uri-malformed",
+        lambda t: ([*RUN], {"MLFLOW_TRACKING_URI": "htp:/127.0.0.1:5000"}),
+        "MLflow tracking URI 'htp:/127.0.0.1:5000' is not a server",
+    ),
+    (
+        "tracking-uri-not-sqlite",
+        lambda t: ([*RUN], {"MLFLOW_TRACKING_URI": f"sqlite:///{_text(t, 'n.db')}"}),
+        "is not a SQLite database",
+    ),
+    (
+        "sweep-tracking-uri-bad-port",
+        lambda t: (["sweep", _sweep(t)], {"MLFLOW_TRACKING_URI": "http://127.0.0.1:x/"}),
+        "is not a valid URL",
+    ),
+    (
+        "report-tracking-uri-malformed",
+        lambda t: ["report", "--experiment", "e", "--tracking-uri", "http//127.0.0.1:5000"],
+        "--tracking-uri 'http//127.0.0.1:5000' is not a server",
+    ),
+    (
+        "export-random-bytes",
+        lambda t: ["export", _random(t, "model.pwf.safetensors")],
+        "is damaged or not a safetensors file",
+    ),
+    ("export-a-folder", lambda t: ["export", str(t)], "is a folder"),
 ]
 
 
@@ -210,7 +270,11 @@ def test_bad_input_ends_in_one_line_before_anything_starts(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
     artifacts = tmp_path / "artifacts"
     argv = builder(tmp_path)
-    if "--artifacts" not in argv:
+    if isinstance(argv, tuple):  # the case sets the environment too
+        argv, env = argv
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+    if argv[0] in ("run", "sweep") and "--artifacts" not in argv:
         argv += ["--artifacts", str(artifacts)]
     code = pwf_main(argv)
     err = capsys.readouterr().err
@@ -279,8 +343,9 @@ def _start_pwf(tmp_path: Path, *extra: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlruns.db'}"
     env["PREFECT_HOME"] = str(tmp_path / ".prefect")
+    command = [sys.executable, "-m", "pwf_flows.cli", "run", "--no-progress", *extra]
     return subprocess.Popen(
-        [sys.executable, "-m", "pwf_flows.cli", "run", "--no-progress", *extra],
+        with_default_signals(command),
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,

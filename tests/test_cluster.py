@@ -20,6 +20,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from pwf_flows.sweep.pool import FLOW_RUNS_ATTR
+from tests._dummies.mlflow_store import assert_logged_once
 from tests._dummies.postgres import PASSWORD, Postgres
 from tests._dummies.services import (
     Services,
@@ -40,7 +42,7 @@ SPACE = {
     "compression.b": {"int": [3, 6]},
     "compression.reg": {"float": [1e-5, 1e-2], "log": True},
 }
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("cluster")]
 
 
 class Cluster(Services):
@@ -61,11 +63,14 @@ class Cluster(Services):
             },
         )
 
-    def overrides(self, name: str, n_trials: int, max_parallel: int, **experiment) -> str:
+    def overrides(
+        self, name: str, n_trials: int, max_parallel: int, replicates: int = 1, **experiment
+    ) -> str:
         return json.dumps(
             {
                 "name": name,
                 "study.n_trials": n_trials,
+                "study.replicates": replicates,
                 "study.storage": self.optuna_url,
                 "study.heartbeat_s": 2,
                 "execution.artifacts_dir": str(self.workdir / "artifacts"),
@@ -131,8 +136,7 @@ def cluster(postgres, tmp_path_factory):
 
 def trial_flow_runs(cluster: Cluster, study: optuna.Study) -> list[dict]:
     """The Prefect flow runs the study's trials were submitted as (REST API)."""
-    key = "prefect_flow_run_id"
-    ids = [t.user_attrs[key] for t in study.trials if key in t.user_attrs]
+    ids = [run for t in study.trials for run in t.user_attrs.get(FLOW_RUNS_ATTR, {}).values()]
     return cluster.prefect_api("flow_runs/filter", {"flow_runs": {"id": {"any_": ids}}})
 
 
@@ -148,30 +152,45 @@ def distinct_configurations(trials: list) -> int:
     return len({tuple(sorted(t.params.items())) for t in trials})
 
 
-def test_two_workers_run_trials_at_once_exactly_once(cluster):
-    cluster.sweep("parallel", cluster.overrides("parallel", n_trials=4, max_parallel=2))
+def test_two_workers_run_replicates_at_once_exactly_once(cluster):
+    """Two trials of two replicates each on two GPU workers: four flow runs, two at a time; each
+    trial's MLflow run over its replicates' runs, Optuna told their mean."""
+    overrides = cluster.overrides("parallel", n_trials=2, max_parallel=2, replicates=2)
+    cluster.sweep("parallel", overrides)
     study = cluster.study("parallel")
     complete = study.get_trials(states=(TrialState.COMPLETE,))
-    assert len(complete) == 4 and distinct_configurations(complete) == 4
+    assert len(complete) == 2 and distinct_configurations(complete) == 2
     assert not study.get_trials(states=(TrialState.FAIL, TrialState.RUNNING))
     parents, children = mlflow_children(cluster, "parallel")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert sorted(c.info.run_id for c in children) == sorted(
-        t.user_attrs["mlflow_run_id"] for t in complete
-    )
+    trials = {c.info.run_id: c for c in children if c.data.tags["kind"] == "trial"}
+    replicates = [c for c in children if c.data.tags["kind"] == "experiment"]
+    assert sorted(trials) == sorted(t.user_attrs["mlflow_run_id"] for t in complete)
     assert all(c.info.status == "FINISHED" for c in children)
-    assert sum(c.data.tags["pretrain.cached"] == "True" for c in children) >= 2  # shared cache
+    for trial in complete:
+        mine = [
+            r
+            for r in replicates
+            if r.data.tags["mlflow.parentRunId"] == trial.user_attrs["mlflow_run_id"]
+        ]
+        assert sorted(r.data.tags["replicate"] for r in mine) == ["0", "1"]
+        accuracy = [r.data.metrics["final/cls/acc"] for r in mine]
+        assert trial.values[0] == pytest.approx(sum(accuracy) / 2)
+    assert sum(c.data.tags["pretrain.cached"] == "True" for c in replicates) >= 2  # shared cache
     runs = trial_flow_runs(cluster, study)
     assert len(runs) == 4 and all(r["state"]["type"] == "COMPLETED" for r in runs)
     spans = sorted((r["start_time"], r["end_time"]) for r in runs)
     overlapping = any(b[0] < a[1] for a, b in itertools.pairwise(spans))
-    assert overlapping, f"no two trials ran at the same time: {spans}"
+    assert overlapping, f"no two replicates ran at the same time: {spans}"
     # Artifacts went through the MLflow server's proxy, not a shared path.
     client = MlflowClient(cluster.env["MLFLOW_TRACKING_URI"])
-    assert client.get_run(children[0].info.run_id).info.artifact_uri.startswith("mlflow-artifacts:")
+    assert client.get_run(replicates[0].info.run_id).info.artifact_uri.startswith(
+        "mlflow-artifacts:"
+    )
     assert (cluster.workdir / "mlartifacts").is_dir()
     # The study's password never reached Prefect's parameters.
     assert all(PASSWORD not in json.dumps(r["parameters"]) for r in runs)
+    assert_logged_once(cluster.postgres.url("mlflow"))
 
 
 SLOW = {"compression.schedule": [0.2, 0.4, 0.6, 0.8, 1.0], "train.epochs": 3.0}
@@ -207,7 +226,8 @@ def test_a_killed_worker_trial_is_retried_and_resumes(cluster):
     cluster.wait_for(lambda: any(experiments.glob("*/step_01.safetensors")), "a finished round")
     (lost,) = cluster.study(name).get_trials(states=(TrialState.RUNNING,))
     # The worker's host goes down: the worker and the flow run it started die together.
-    kill_flow_run(cluster, lost.user_attrs["prefect_flow_run_id"])
+    (lost_run,) = lost.user_attrs[FLOW_RUNS_ATTR].values()  # one replicate
+    kill_flow_run(cluster, lost_run)
     cluster.kill("worker-gpu-0")
     cluster.kill("worker-gpu-1")
     cluster.worker("worker-gpu-2", "gpu", 1)
@@ -221,10 +241,12 @@ def test_a_killed_worker_trial_is_retried_and_resumes(cluster):
     retried = next(t for t in complete if t.params == lost.params)  # ... and retried
     _, children = mlflow_children(cluster, name)
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert_logged_once(cluster.postgres.url("mlflow"))
     resumed = next(c for c in children if c.info.run_id == retried.user_attrs["mlflow_run_id"])
     assert resumed.data.tags["resumed_at"].startswith("round ")  # from the lost run's checkpoint
     states = {r["id"]: r["state"]["type"] for r in flow_runs_of_study(cluster, name)}
-    assert states[lost.user_attrs["prefect_flow_run_id"]] == "CRASHED"
+    assert states[lost_run] == "CRASHED"
+    assert_logged_once(cluster.postgres.url("mlflow"))  # the resumed trial logged nothing twice
 
 
 def test_a_rerun_driver_adopts_trials_still_running_on_workers(cluster):
@@ -253,3 +275,4 @@ def test_a_rerun_driver_adopts_trials_still_running_on_workers(cluster):
     parents, children = mlflow_children(cluster, name)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert_logged_once(cluster.postgres.url("mlflow"))

@@ -11,6 +11,7 @@ from pwf_core.config import (
     load_config,
     parse_config,
     parse_override_strings,
+    recorded_params,
 )
 from tests.conftest import DEFAULT_CONFIG
 
@@ -48,6 +49,12 @@ BAD_VALUES = [
     ({"model": {"weights": "/no/weights.safetensors"}}, "model.weights", "does not exist"),
     ({"device": "gpu7"}, "device", "not a torch device"),
     ({"trian": {"epochs": 1}}, "trian", "Extra inputs are not permitted"),
+    (
+        {"model": {"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 8, "patch_size": 2}}},
+        "model.kwargs",
+        "img_size comes from the dataset (its images' side: 8 for digits",
+    ),
+    ({"model": {"kwargs": {"num_classes": 3}}}, "model.kwargs", "num_classes comes from"),
 ]
 
 
@@ -104,6 +111,17 @@ def test_flatten_and_override_strings():
     }
     with pytest.raises(ConfigError, match=r"section\.field=value"):
         parse_override_strings(["nonsense"])
+
+
+def test_recorded_params_leave_out_what_the_dataset_does_not_read(tmp_path: Path):
+    digits = load_config()
+    assert set(flatten_config(digits)) - set(recorded_params(digits)) == {
+        "data.img_size",
+        "data.num_workers",
+    }
+    folder = parse_config({"data": {"name": "imagefolder", "path": str(tmp_path), "img_size": 64}})
+    assert recorded_params(folder) == flatten_config(folder)  # an image folder reads them all
+    assert recorded_params(folder)["data.img_size"] == 64
 
 
 def test_missing_and_malformed_files(tmp_path: Path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pwf_core._files import CheckpointError
 from pwf_core.config import ConfigError, config_to_dict, load_config
 from pwf_flows.artifacts import ExperimentFiles
 from pwf_flows.experiment import default_run_name, pwf_experiment
+from tests._dummies.mlflow_store import assert_logged_once
 from tests._dummies.services import wait_until
 from tests.conftest import DEFAULT_CONFIG, ROOT
 
@@ -96,15 +98,21 @@ def test_flow_logs_every_step_links_and_artifacts(prefect_server, mlflow_store, 
     assert result["url"] in artifact.data and f"/runs/{run_id}" in result["url"]
     assert "| round 3/3 |" in artifact.data and "**final**" in artifact.data
     # Prefect's graph is the real chain: each task's input is the previous task's result.
-    tasks = prefect["tasks"]
-    assert upstream(tasks[_named(tasks, "prepare")], "pretrained") == {
-        str(tasks[_named(tasks, "pretrain")].id)
+    tasks = prefect["tasks"]  # named without Prefect's random suffixes
+    assert set(tasks) == {
+        "pretrain",
+        "prepare",
+        "round 1 of 3",
+        "round 2 of 3",
+        "round 3 of 3",
+        "evaluate",
     }
+    assert upstream(tasks["prepare"], "pretrained") == {str(tasks["pretrain"].id)}
     chain = [tasks["round 1 of 3"], tasks["round 2 of 3"], tasks["round 3 of 3"]]
-    assert upstream(chain[0], "previous") == {str(tasks[_named(tasks, "prepare")].id)}
+    assert upstream(chain[0], "previous") == {str(tasks["prepare"].id)}
     assert upstream(chain[1], "previous") == {str(chain[0].id)}
     assert upstream(chain[2], "previous") == {str(chain[1].id)}
-    assert upstream(tasks[_named(tasks, "evaluate")], "last_step") == {str(chain[2].id)}
+    assert upstream(tasks["evaluate"], "last_step") == {str(chain[2].id)}
     logged = {
         f.path
         for folder in ("tables", "plots", "model")
@@ -132,11 +140,6 @@ def test_flow_logs_every_step_links_and_artifacts(prefect_server, mlflow_store, 
     assert after.data.metrics == before.data.metrics and after.data.tags == before.data.tags
     assert len(client.get_metric_history(run_id, "time/experiment_s")) == 1
     assert len(runs_of("flow-e2e")) == 1
-
-
-def _named(tasks: dict, prefix: str) -> str:
-    (name,) = [n for n in tasks if n.startswith(f"{prefix}-")]
-    return name
 
 
 @pytest.mark.integration
@@ -209,7 +212,38 @@ def test_truncated_last_checkpoint_falls_back_to_the_one_before(
     (run,) = runs_of("truncated")
     assert run.info.status == "FINISHED"
     steps = sorted(m.step for m in MlflowClient().get_metric_history(run.info.run_id, "cls/acc"))
-    assert steps == [1, 2, 3, 3]  # round 3 was run (and logged) again, rounds 1-2 were not
+    assert steps == [1, 2, 3]  # round 3 was run again, and logged once
+
+
+@pytest.mark.integration
+def test_a_lost_final_folder_and_a_damaged_only_checkpoint_are_repaired_by_a_rerun(
+    prefect_server, mlflow_store, tmp_path
+):
+    """Each resume path logs nothing twice: the final evaluation redone after its folder was
+    lost, and every round redone after the one checkpoint kept was overwritten with random
+    bytes (it is set aside as ``*.corrupt``; the rounds reseed, so the numbers are the same)."""
+    config = small_config(name="repaired")
+    first = pwf_experiment(config=config, artifacts_dir=str(tmp_path / "a"), progress=False)
+    files = ExperimentFiles.for_config(load_config(overrides=config), tmp_path / "a")
+    client = MlflowClient()
+
+    shutil.rmtree(files.final)
+    again = pwf_experiment(config=config, artifacts_dir=str(tmp_path / "a"), progress=False)
+    assert again["run_id"] == first["run_id"] and again["metrics"] == first["metrics"]
+    for key in ("final/cls/acc", "final/size/file_bytes", "time/experiment_s"):
+        assert len(client.get_metric_history(first["run_id"], key)) == 1, key
+
+    (only,) = [path for _, path in files.checkpoints()]
+    only.write_bytes(os.urandom(only.stat().st_size))
+    files.summary.unlink()
+    repaired = pwf_experiment(config=config, artifacts_dir=str(tmp_path / "a"), progress=False)
+    assert repaired["run_id"] == first["run_id"] and repaired["metrics"] == first["metrics"]
+    assert only.with_name(only.name + ".corrupt").is_file()
+    (run,) = runs_of("repaired")
+    assert run.info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "cls/acc"))
+    assert steps == [1, 2, 3]
+    assert_logged_once(mlflow_store)
 
 
 def _pwf_command(config_path: Path, artifacts: Path) -> list[str]:
@@ -261,6 +295,8 @@ def test_sigkill_mid_round_resumes_without_rerunning_finished_rounds(
     stamps = {i: files.step(i).stat().st_mtime_ns for i in range(finished)}
     (killed_run,) = runs_of("resume")
     assert killed_run.info.status == "RUNNING"  # SIGKILL leaves no chance to close it
+    killed_flow_run = json.loads((files.root / "prefect_run.json").read_text())["flow_run"]
+    assert task_runs_of(killed_flow_run)["flow"].state.type.value == "RUNNING"
 
     rerun = subprocess.run(
         _pwf_command(config_path, artifacts),
@@ -283,6 +319,10 @@ def test_sigkill_mid_round_resumes_without_rerunning_finished_rounds(
     assert run.data.tags["resumed_at"] == f"round {finished + 1}/6"
     history = MlflowClient().get_metric_history(run.info.run_id, "ws/unique_values")
     assert sorted(m.step for m in history) == list(range(1, 7))  # each round logged once
+    killed = task_runs_of(killed_flow_run)  # the rerun closed what the killed process left
+    assert killed["flow"].state.type.value == "CRASHED"
+    assert "continued by flow run" in killed["flow"].state.message
+    assert all(task.state.is_final() for task in killed["tasks"].values())
 
     uninterrupted = pwf_experiment(
         config=values, artifacts_dir=str(tmp_path / "clean"), progress=False
@@ -377,4 +417,4 @@ def test_a_crash_between_a_new_checkpoint_and_removing_the_old_one_resumes_from_
     (run,) = runs_of("between")
     assert run.data.tags["resumed_at"] == "round 3/3"
     steps = sorted(m.step for m in MlflowClient().get_metric_history(run.info.run_id, "cls/acc"))
-    assert steps == [1, 2, 3, 3]  # round 3 ran again; rounds 1 and 2 did not
+    assert steps == [1, 2, 3]  # round 3 ran again, and was logged once; rounds 1 and 2 did not

@@ -329,7 +329,8 @@ def test_pwf_export_as_a_user_runs_it(compressed_cnn, tmp_path):
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    (line,) = done.stdout.splitlines()
+    line, inputs = done.stdout.splitlines()
+    assert inputs.startswith("  input: not recorded")  # saved without the dataset's contract
     found = re.fullmatch(
         r"pwf export: (\S+): ([\d,]+) bytes \(float ONNX ([\d,]+) bytes, ([\d.]+)x smaller\); "
         r"5 shared tensors on (\d+) values \(uint8 indices\); "

@@ -60,6 +60,15 @@ def test_a_wheel_in_a_fresh_venv_runs_the_default_experiment(prefect_server, tmp
     }
     where = _run([str(python), "-c", "import pwf_core; print(pwf_core.__file__)"], elsewhere, env)
     assert str(site) in where and str(ROOT) not in where  # the wheel's copy, not the checkout
+    # Every module of the checkout is in the wheel (a package left out of pyproject's list
+    # would break the commands that import it, e.g. pwf report).
+    modules = sorted(
+        ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for package in ("pwf_core", "pwf_flows")
+        for path in (ROOT / package).rglob("*.py")
+    )
+    script = f"import importlib; [importlib.import_module(m) for m in {modules!r}]"
+    _run([str(python), "-c", script], elsewhere, env)
     version = _run([str(venv / "bin" / "pwf"), "--version"], elsewhere, env)
     assert version.strip() == f"pwf {pwf_core.__version__}"
     tiny = ["pretrain.epochs=2", "train.epochs=0.1", "compression.schedule=[0.5, 1.0]"]

@@ -1,7 +1,8 @@
 """The README's "On a server" commands, run for real: a Prefect server, an MLflow server, process
 work pools and workers from the project venv, ``prefect deploy --all`` and
 ``prefect deployment run pwf/full-sweep``; the runs are read back through MLflow's REST API and
-the study from its Optuna storage. Ports are free ones instead of 4200/5000/5001."""
+the study from its Optuna storage. Ports are free ones instead of 4200/5000 (local runs are
+browsed with ``pwf ui``: tests/test_ui.py)."""
 
 from __future__ import annotations
 
@@ -88,11 +89,15 @@ class Stack(Services):
         return self.start(name, argv, interrupts=interrupts, **extra)
 
 
+# One worker runs this module (make test's --dist loadgroup): its tests share one stack.
+pytestmark = pytest.mark.xdist_group("readme-stack")
+
+
 @pytest.fixture(scope="module")
 def readme_stack(tmp_path_factory):
     """The README's servers, pools, workers and ``prefect deploy --all``, once for the module."""
     workdir = tmp_path_factory.mktemp("stack")
-    ports = {"4200": free_port(), "5000": free_port(), "5001": free_port()}
+    ports = {"4200": free_port(), "5000": free_port()}
     env = {
         "PREFECT_HOME": str(workdir / ".prefect"),
         "PREFECT_API_URL": f"http://127.0.0.1:{ports['4200']}/api",
@@ -131,7 +136,7 @@ def readme_stack(tmp_path_factory):
 @pytest.mark.slow
 def test_readme_server_commands_run_a_sweep_on_workers(readme_stack):
     stack = readme_stack
-    tmp_path, ports = stack.workdir / "readme-sweep", stack.ports
+    tmp_path = stack.workdir / "readme-sweep"
     tmp_path.mkdir()
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     overrides = {
@@ -175,11 +180,6 @@ def test_readme_server_commands_run_a_sweep_on_workers(readme_stack):
     )
     schedules = stack.run_readme("prefect deployment schedule ls pwf/ablation-regulariser")
     assert "0 2 * * 6" in schedules
-    stack.start_readme(
-        "mlflow-ui",
-        "mlflow ui --backend-store-uri sqlite:///mlruns.db --host 127.0.0.1 --port 5001",
-    )
-    stack.wait_http(f"http://127.0.0.1:{ports['5001']}/", "the MLflow UI")
 
 
 @pytest.mark.integration
@@ -187,8 +187,8 @@ def test_readme_server_commands_run_a_sweep_on_workers(readme_stack):
 @pytest.mark.timeout(900)
 def test_every_shipped_deployment_runs_to_completion(readme_stack):
     """Each deployment of prefect.yaml as ``prefect deployment run`` starts it, submitted at
-    once: the sweeps' drivers on the cpu pool, their trials on the gpu pool, one trial each on
-    a tiny base; and a single experiment on ``pwf-experiment/gpu``."""
+    once: the sweeps' drivers on the cpu pool, their trials on the gpu pool, one trial of one
+    replicate each on a tiny base; and a single experiment on ``pwf-experiment/gpu``."""
     from tests.test_shipped_sweeps import tiny_overrides
 
     stack = readme_stack
@@ -217,7 +217,8 @@ def test_every_shipped_deployment_runs_to_completion(readme_stack):
             study = f"deploy-{deployment['name']}"
             storage = f"sqlite:///{workdir / (study + '.db')}"
             fields = tiny_overrides(sweep, storage, workdir / "artifacts", n_trials=1)
-            params = [f"overrides={json.dumps(fields | {'name': study})}"]
+            fields |= {"name": study, "study.replicates": 1}  # one run: replicates test apart
+            params = [f"overrides={json.dumps(fields)}"]
             target = f"pwf/{deployment['name']}"
         argv = ["prefect", "deployment", "run", target]
         for param in params:

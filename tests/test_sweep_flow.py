@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from pwf_flows.cli import main as pwf_main
 from pwf_flows.sweep.flow import pwf
@@ -204,19 +206,23 @@ def test_a_continued_sweep_explores_new_configurations(prefect_server, mlflow_st
     assert sorted(table["trial"]) == sorted(t.number for t in complete(study))
 
 
-def _sweep_command(path: Path) -> list[str]:
-    return [sys.executable, "-m", "pwf_flows.cli", "sweep", str(path), "--no-progress"]
+def _sweep_command(path: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pwf_flows.cli", "sweep", str(path), "--no-progress", *extra]
 
 
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_interrupted_sweep_resumes_to_n_complete_trials(prefect_server, mlflow_store, tmp_path):
-    path = tiny_sweep(tmp_path, "resumed", n_trials=3)
+    """SIGKILLed mid-trial and run again (with the study renamed on the command line): exactly
+    n complete trials, the lost one retried with its settings, and the killed driver's Prefect
+    flow run and its trial's task run marked CRASHED instead of RUNNING for good."""
+    path = tiny_sweep(tmp_path, "file-name", n_trials=3)
+    command = _sweep_command(path, "--set", "name=resumed")
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
     with (tmp_path / "first.log").open("w") as log:
         process = subprocess.Popen(
-            _sweep_command(path), cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT
+            command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT
         )
         storage = f"sqlite:///{tmp_path / 'optuna.db'}"
 
@@ -240,8 +246,13 @@ def test_interrupted_sweep_resumes_to_n_complete_trials(prefect_server, mlflow_s
     study = study_of(tmp_path, "resumed")
     assert len(complete(study)) < 3
     (interrupted,) = study.get_trials(states=(TrialState.RUNNING,))
+    (driver,) = (tmp_path / "artifacts" / "sweeps" / "resumed" / "drivers").glob("*.json")
+    killed_flow_run = json.loads(driver.read_text())["flow_run"]
+    with get_client(sync_client=True) as prefect:
+        killed = prefect.read_flow_run(killed_flow_run)
+    assert killed.name == "sweep-resumed" and killed.state.type.value == "RUNNING"
     rerun = subprocess.run(
-        _sweep_command(path), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400
     )
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     study = study_of(tmp_path, "resumed")
@@ -256,6 +267,14 @@ def test_interrupted_sweep_resumes_to_n_complete_trials(prefect_server, mlflow_s
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = children_of("resumed", parents[0].info.run_id)
     assert len({c.data.tags["sweep.trial"] for c in children}) == len(children)
+    with get_client(sync_client=True) as prefect:
+        killed = prefect.read_flow_run(killed_flow_run)
+        left = prefect.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[killed_flow_run]))
+        )
+    assert killed.state.type.value == "CRASHED", killed.state
+    assert [t.name for t in left if not t.state.is_final()] == []
+    assert not list(driver.parent.glob("*.json"))  # the rerun's driver ended and left none
 
 
 @pytest.mark.integration

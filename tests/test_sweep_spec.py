@@ -112,13 +112,13 @@ def test_methods_sweep_swaps_whole_method_sections():
         for label in spec.grid()["compression"]
     }
     assert {label: m.method for label, m in methods.items()} == {
-        "pwfn": "pwfn",
-        "wfn": "wfn",
-        "kmeans": "kmeans",
-        "uniform": "uniform",
-        "2dgbnn": "2dgbnn",
+        label: label.split()[0] for label in methods
     }
-    assert methods["wfn"].schedule[0] == 0.3  # WFN's own schedule, not the base's PWFN one
+    assert len(methods) == 20  # five methods at four budgets each
+    assert spec.study.replicates == 3 and spec.report.reference == "pwfn"
+    assert methods["wfn b=5 d=0.1"].schedule[0] == 0.3  # WFN's own schedule, not PWFN's
+    assert (methods["wfn b=5 d=0.1"].b, methods["wfn b=5 d=0.1"].delta) == (5, 0.1)
+    assert methods["pwfn b=5 o=2"].max_order == 2
 
 
 def test_dotted_overrides_merge_into_the_sweeps_own_overrides(tmp_path):

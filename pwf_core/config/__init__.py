@@ -15,7 +15,12 @@ from pwf_core.config.schema import (
     ExperimentConfig,
     parse_config,
 )
-from pwf_core.config.serialise import config_hash, config_to_dict, flatten_config
+from pwf_core.config.serialise import (
+    config_hash,
+    config_to_dict,
+    flatten_config,
+    recorded_params,
+)
 from pwf_core.data import DataConfig
 from pwf_core.errors import ConfigError
 from pwf_core.models import ModelConfig
@@ -42,4 +47,5 @@ __all__ = [
     "parse_config",
     "parse_override_strings",
     "read_yaml",
+    "recorded_params",
 ]

@@ -12,6 +12,7 @@ import yaml
 from pwf_core.config.overrides import apply_overrides
 from pwf_core.config.schema import ExperimentConfig, parse_config
 from pwf_core.config.serialise import config_to_dict
+from pwf_core.config.yaml_text import DuplicateKeyError, load_yaml
 from pwf_core.errors import ConfigError
 
 
@@ -23,6 +24,8 @@ def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
             that does not hold a mapping.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} '{path}' is a folder; name a YAML file in it")
     if not path.is_file():
         raise ConfigError(f"{what} '{path}' does not exist")
     try:
@@ -34,7 +37,11 @@ def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
     except OSError as err:
         raise ConfigError(f"cannot read {what} '{path}': {err.strerror}") from None
     try:
-        values = yaml.safe_load(text)
+        values = load_yaml(text)
+    except DuplicateKeyError as err:
+        raise ConfigError(
+            f"{what} '{path}': {err}; a mapping holds each key once (which one did you mean?)"
+        ) from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{what} '{path}' is not valid YAML: {err}") from None
     if values is None:

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from pwf_core.config.schema import LEGACY_SECTION, SECTION, renamed_legacy
+from pwf_core.config.yaml_text import load_yaml
 from pwf_core.errors import ConfigError
 from pwf_core.registry import default_method_name
 
@@ -97,7 +98,7 @@ def parse_override_strings(items: Iterable[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not of the form section.field=value")
         try:
-            value = yaml.safe_load(text)
+            value = load_yaml(text)
         except yaml.YAMLError as err:
             problem = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise ConfigError(

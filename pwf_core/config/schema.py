@@ -15,10 +15,11 @@ still read.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SerializeAsAny, ValidationError, field_validator
 
+from pwf_core._seeding import derive_seed
 from pwf_core.data import DataConfig
 from pwf_core.errors import ConfigError
 from pwf_core.models import ModelConfig
@@ -34,8 +35,10 @@ class EvalConfig(Section):
     """Evaluation settings.
 
     Args:
-        mc_samples: Forward passes with weight sampling on, averaged, for the final model's
-            sampled calibration metrics (0 skips them).
+        mc_samples: Forward passes with weight sampling on, averaged, for the sampled metrics
+            of a final model that still samples its weights (0 skips them; a method's own
+            setting, like 2DGBNN's ``eval_samples``, takes its place). A model whose every
+            weight is fixed is deterministic and reports no sampled metrics.
     """
 
     mc_samples: NonNegativeInt = 8
@@ -58,15 +61,37 @@ class ExecutionConfig(Section):
     infra_timeout_s: PositiveFloat = 600.0
 
 
+class ReplicateConfig(Section):
+    """Which replicate of an experiment a run is, and what a replicate varies.
+
+    Replicates are the same experiment under other seeds, to tell a real difference from
+    seed noise. The default follows the papers' design: one pretrained model per base seed,
+    shared by every replicate and every method, and the compression stage's randomness
+    (sigma initialisation where random, weight sampling, batch order, k-means' fit sample)
+    varied, so methods are compared paired on the same pretrained weights.
+
+    Args:
+        index: 0 is the experiment itself; replicate ``r > 0`` reseeds from ``(seed, r)``.
+        reseeds: ``compression`` (the default) or ``all``, which also reseeds the model's
+            initialisation and pretraining (each replicate pretrains its own model).
+    """
+
+    index: NonNegativeInt = 0
+    reseeds: Literal["compression", "all"] = "compression"
+
+
 class ExperimentConfig(Section):
     """Everything one pwf experiment depends on.
 
     Args:
         name: Experiment name: the MLflow experiment and the artifacts folder are named after
             it (letters, digits, ``.``, ``_``, ``-``; at most 100 characters).
-        seed: Seed for data splits, initialisation, sampling and shuffling.
+        seed: Seed for initialisation, sampling and shuffling (data splits are fixed, so
+            every seed is tested on the same images).
         device: ``auto`` picks CUDA when present, else CPU; or an explicit torch device string.
         compression: The method and its knobs, e.g. ``{method: pwfn, b: 5}``.
+        replicate: Which replicate of the experiment this run is (see
+            :class:`ReplicateConfig`).
     """
 
     name: str = "pwf-default"
@@ -80,6 +105,7 @@ class ExperimentConfig(Section):
         default_factory=lambda: config_class(default_method_name())()
     )
     eval: EvalConfig = EvalConfig()
+    replicate: ReplicateConfig = ReplicateConfig()
     execution: ExecutionConfig = ExecutionConfig()
 
     @field_validator("name")
@@ -106,6 +132,19 @@ class ExperimentConfig(Section):
         if isinstance(value, Mapping) and "method" not in value:
             value = {"method": default_method_name(), **value}
         return as_method_config(value)
+
+    @property
+    def compression_seed(self) -> int:
+        """The seed of the compression stage: the experiment seed, or a replicate's own."""
+        if self.replicate.index == 0:
+            return self.seed
+        return derive_seed(self.seed, "replicate", self.replicate.index)
+
+    @property
+    def pretrain_seed(self) -> int:
+        """The seed of the model's initialisation and pretraining: shared by the replicates,
+        unless they reseed everything."""
+        return self.seed if self.replicate.reseeds == "compression" else self.compression_seed
 
     def resolved_device(self) -> str:
         """The torch device this config runs on (``auto`` resolved)."""

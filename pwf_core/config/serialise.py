@@ -30,6 +30,18 @@ def flatten_config(config: BaseModel) -> dict[str, Any]:
     return flat
 
 
+def recorded_params(config: BaseModel) -> dict[str, Any]:
+    """:func:`flatten_config` without the fields a section says it does not read (its
+    ``unused_fields()``; e.g. ``data.img_size`` for digits): a run's parameters as a tracker
+    records them, none that would suggest a setting the run never had."""
+    flat = flatten_config(config)
+    for name in type(config).model_fields:
+        unused = getattr(getattr(config, name), "unused_fields", None)
+        for field in unused() if unused is not None else ():
+            flat.pop(f"{name}.{field}", None)
+    return flat
+
+
 def config_hash(*parts: Any) -> str:
     """Stable short hash of config sections and other JSON-able values (cache keys)."""
     canonical = json.dumps(

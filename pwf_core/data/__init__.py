@@ -16,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pwf_core.data.cifar10 import load_cifar10_dataset
 from pwf_core.data.cifar100 import load_cifar100_dataset
+from pwf_core.data.contract import InputContract, recorded_contract
 from pwf_core.data.digits import load_digits_dataset
 from pwf_core.data.imagefolder import load_imagefolder_dataset, read_image
 from pwf_core.data.loaders import Batch, FolderLoader, Loader, TensorLoader
@@ -30,12 +31,14 @@ __all__ = [
     "DatasetError",
     "FolderLoader",
     "ImageDataset",
+    "InputContract",
     "Loader",
     "TensorLoader",
     "TensorSplit",
     "load_dataset",
     "read_idx",
     "read_image",
+    "recorded_contract",
 ]
 
 
@@ -66,6 +69,11 @@ class DataConfig(Section):
         if path is not None and not path.is_dir():
             raise ValueError(f"dataset path '{path}' does not exist or is not a folder")
         return path
+
+    def unused_fields(self) -> frozenset[str]:
+        """The fields this dataset does not read: its images have one size and live in
+        memory, so only an image folder reads ``img_size`` and ``num_workers``."""
+        return frozenset() if self.name == "imagefolder" else frozenset({"img_size", "num_workers"})
 
     @model_validator(mode="after")
     def _path_given(self) -> DataConfig:

@@ -9,10 +9,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pwf_core.data.splits import ImageDataset, normalise, tensor_dataset
+from pwf_core.data.contract import InputContract
+from pwf_core.data.splits import ImageDataset, check_labels, tensor_dataset
 from pwf_core.errors import DatasetError
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+# batches.meta's label_names, in label order
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+CONTRACT = InputContract(
+    shape=(3, 32, 32),
+    raw_range=(0.0, 255.0),
+    divide_by=255.0,
+    mean=CIFAR10_MEAN,
+    std=CIFAR10_STD,
+    class_names=CIFAR10_CLASSES,
+)
 
 
 class _BatchUnpickler(pickle.Unpickler):
@@ -38,7 +60,10 @@ class _BatchUnpickler(pickle.Unpickler):
 
 
 def read_cifar_batch(
-    path: Path, labels_key: bytes = b"labels", what: str = "CIFAR-10 python batch"
+    path: Path,
+    labels_key: bytes = b"labels",
+    what: str = "CIFAR-10 python batch",
+    num_classes: int = 10,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images ``(n, 3, 32, 32)`` and labels of one python batch of CIFAR-10 or CIFAR-100.
 
@@ -46,6 +71,7 @@ def read_cifar_batch(
         path: The pickled batch.
         labels_key: The labels' key in the batch (CIFAR-100 has ``fine_labels``).
         what: What the file should be, for the error.
+        num_classes: Labels must be class indices below it.
 
     Raises:
         DatasetError: naming the file when it is not such a batch (a crafted one included).
@@ -55,21 +81,13 @@ def read_cifar_batch(
             batch = _BatchUnpickler(handle, encoding="bytes").load()
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         labels = np.asarray(batch[labels_key], dtype=np.int64)
-    except (
-        OSError,
-        pickle.UnpicklingError,
-        KeyError,
-        TypeError,
-        EOFError,
-        ValueError,
-        IndexError,
-        AttributeError,
-    ) as err:
-        raise DatasetError(f"'{path}' is not a {what}: {err}") from None
+    except Exception as err:  # whatever a damaged or crafted pickle makes the unpickler do
+        raise DatasetError(f"'{path}' is not a {what}: {type(err).__name__}: {err}") from None
     if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
         raise DatasetError(
             f"'{path}' has data {data.shape} and {len(labels)} labels; expected (n, 3072)"
         )
+    check_labels(labels, num_classes, f"labels of '{path}'")
     return data.reshape(-1, 3, 32, 32), labels
 
 
@@ -85,8 +103,7 @@ def load_cifar10_dataset(folder: Path, val_fraction: float) -> ImageDataset:
     test_images, test_labels = read_cifar_batch(folder / "test_batch")
 
     def as_tensors(images: np.ndarray, labels: np.ndarray):
-        tensor = torch.tensor(images, dtype=torch.float32) / 255.0
-        return normalise(tensor, CIFAR10_MEAN, CIFAR10_STD), torch.tensor(labels)
+        return CONTRACT.normalise(torch.tensor(images)), torch.tensor(labels)
 
     return tensor_dataset(
         "cifar10",
@@ -95,4 +112,5 @@ def load_cifar10_dataset(folder: Path, val_fraction: float) -> ImageDataset:
         val_fraction,
         num_classes=10,
         augment="crop_flip",
+        contract=CONTRACT,
     )

@@ -10,10 +10,20 @@ import numpy as np
 import torch
 
 from pwf_core.data.cifar10 import read_cifar_batch
-from pwf_core.data.splits import ImageDataset, normalise, tensor_dataset
+from pwf_core.data.contract import InputContract
+from pwf_core.data.splits import ImageDataset, tensor_dataset
 from pwf_core.errors import DatasetError
 
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+# The fine classes' names are in the dataset's meta file, which pwf does not read: a model's
+# contract says "class k" for them (None) rather than names it cannot vouch for.
+CONTRACT = InputContract(
+    shape=(3, 32, 32),
+    raw_range=(0.0, 255.0),
+    divide_by=255.0,
+    mean=CIFAR100_MEAN,
+    std=CIFAR100_STD,
+)
 _WHAT = "CIFAR-100 python file"
 
 
@@ -24,12 +34,11 @@ def load_cifar100_dataset(folder: Path, val_fraction: float) -> ImageDataset:
     missing = [name for name in ("train", "test") if not (folder / name).is_file()]
     if missing:
         raise DatasetError(f"CIFAR-100 folder '{folder}' lacks {missing}")
-    train_images, train_labels = read_cifar_batch(folder / "train", b"fine_labels", _WHAT)
-    test_images, test_labels = read_cifar_batch(folder / "test", b"fine_labels", _WHAT)
+    train_images, train_labels = read_cifar_batch(folder / "train", b"fine_labels", _WHAT, 100)
+    test_images, test_labels = read_cifar_batch(folder / "test", b"fine_labels", _WHAT, 100)
 
     def as_tensors(images: np.ndarray, labels: np.ndarray):
-        tensor = torch.tensor(images, dtype=torch.float32) / 255.0
-        return normalise(tensor, CIFAR100_MEAN, CIFAR100_STD), torch.tensor(labels)
+        return CONTRACT.normalise(torch.tensor(images)), torch.tensor(labels)
 
     return tensor_dataset(
         "cifar100",
@@ -38,4 +47,5 @@ def load_cifar100_dataset(folder: Path, val_fraction: float) -> ImageDataset:
         val_fraction,
         num_classes=100,
         augment="crop_flip",
+        contract=CONTRACT,
     )

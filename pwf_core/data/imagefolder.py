@@ -6,6 +6,7 @@ from pathlib import Path
 
 from torch.utils.data import Subset
 
+from pwf_core.data.contract import InputContract
 from pwf_core.data.splits import ImageDataset, split_indices
 from pwf_core.errors import DatasetError
 
@@ -16,13 +17,13 @@ SAMPLE_CHECKED = 64  # image files decoded per split before anything starts
 
 def read_image(path: str):
     """An RGB image, or :class:`DatasetError` naming the file that does not decode."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with open(path, "rb") as handle:
             image = Image.open(handle)
             return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as err:
+    except Exception as err:  # PIL's decoders fail in many ways (even SyntaxError) on bad bytes
         raise DatasetError(f"image '{path}' cannot be read: {err}") from None
 
 
@@ -55,7 +56,7 @@ def load_imagefolder_dataset(folder: Path, img_size: int, val_fraction: float, w
     )
     eval_tf = transforms.Compose(
         [
-            transforms.Resize(int(img_size * 256 / 224)),
+            transforms.Resize(_resize_side(img_size)),
             transforms.CenterCrop(img_size),
             transforms.PILToTensor(),
         ]
@@ -71,6 +72,16 @@ def load_imagefolder_dataset(folder: Path, img_size: int, val_fraction: float, w
     if train_full.classes != test.classes:
         raise DatasetError(f"'{folder}/train' and '{folder}/val' have different class folders")
     train_idx, val_idx = split_indices(len(train_full), val_fraction)
+    contract = InputContract(
+        shape=(3, img_size, img_size),
+        raw_range=(0.0, 255.0),
+        divide_by=255.0,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        class_names=tuple(train_full.classes),
+        resize=f"an RGB image, its shorter side resized to {_resize_side(img_size)} px "
+        f"(bilinear), centre-cropped to {img_size} x {img_size}",
+    )
     return ImageDataset(
         name="imagefolder",
         num_classes=len(train_full.classes),
@@ -82,4 +93,11 @@ def load_imagefolder_dataset(folder: Path, img_size: int, val_fraction: float, w
         num_workers=workers,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
+        contract=contract,
     )
+
+
+def _resize_side(img_size: int) -> int:
+    """The shorter side an evaluated image is resized to before its centre crop (ImageNet's
+    256 for 224)."""
+    return int(img_size * 256 / 224)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pwf_core.data.splits import ImageDataset, normalise, tensor_dataset
+from pwf_core.data.contract import InputContract
+from pwf_core.data.splits import ImageDataset, check_labels, tensor_dataset
 from pwf_core.errors import DatasetError
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
@@ -17,20 +19,27 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (MNIST's format), raw or gzipped."""
+    """Read an IDX file (MNIST's format), raw or gzipped.
+
+    Raises:
+        DatasetError: naming the file, for anything that is not a whole IDX file (a gzip
+            stream cut short, a header whose shape does not match the bytes that follow).
+    """
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as handle:
             data = handle.read()
-    except OSError as err:
+    except Exception as err:  # OSError, EOFError and zlib.error from a damaged gzip stream
         raise DatasetError(f"cannot read IDX file '{path}': {err}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise DatasetError(f"'{path}' is not an IDX file (bad magic number)")
     ndim = data[3]
     header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DatasetError(f"'{path}' is truncated: its header names {ndim} dimensions")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_DTYPES[data[2]])
-    expected = int(np.prod(shape)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize
     if len(data) - header != expected:
         raise DatasetError(
             f"'{path}' is truncated or malformed: header says {shape}, "
@@ -51,7 +60,8 @@ def _find_file(folder: Path, stems: tuple[str, ...]) -> Path:
 
 def load_mnist_dataset(folder: Path, val_fraction: float) -> ImageDataset:
     """MNIST from the four IDX files in ``folder`` (also looks in ``raw/`` and ``MNIST/raw/``)."""
-    arrays = {}
+    arrays: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    contract = None
     for split, prefix in (("train", "train"), ("test", "t10k")):
         images = read_idx(
             _find_file(folder, (f"{prefix}-images-idx3-ubyte", f"{prefix}-images.idx3-ubyte"))
@@ -64,9 +74,17 @@ def load_mnist_dataset(folder: Path, val_fraction: float) -> ImageDataset:
                 f"MNIST {split} files under '{folder}' disagree: "
                 f"images {images.shape}, labels {labels.shape}"
             )
-        tensor = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 255.0
-        arrays[split] = (
-            normalise(tensor, MNIST_MEAN, MNIST_STD),
-            torch.tensor(labels, dtype=torch.long),
+        check_labels(labels, 10, f"MNIST {split} labels under '{folder}'")
+        raw = torch.tensor(images, dtype=torch.float32).unsqueeze(1)
+        contract = InputContract(
+            shape=tuple(raw.shape[1:]),
+            raw_range=(0.0, 255.0),
+            divide_by=255.0,
+            mean=MNIST_MEAN,
+            std=MNIST_STD,
+            class_names=tuple(str(digit) for digit in range(10)),
         )
-    return tensor_dataset("mnist", *arrays["train"], *arrays["test"], val_fraction, num_classes=10)
+        arrays[split] = (contract.normalise(raw), torch.tensor(labels, dtype=torch.long))
+    return tensor_dataset(
+        "mnist", *arrays["train"], *arrays["test"], val_fraction, num_classes=10, contract=contract
+    )

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
+from pwf_core.data.contract import InputContract
 from pwf_core.data.loaders import FolderLoader, Loader, TensorLoader
 from pwf_core.errors import DatasetError
 
@@ -27,7 +28,8 @@ class ImageDataset:
     """Train/val/test splits of one dataset, with what a model needs to know about it.
 
     ``mean``/``std`` normalise the ``uint8`` images of file-backed splits on the device (the
-    in-memory splits are stored normalised).
+    in-memory splits are stored normalised). ``contract`` says how a raw sample becomes the
+    model's input (what an exported model records).
     """
 
     name: str
@@ -40,6 +42,7 @@ class ImageDataset:
     num_workers: int = 0
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
+    contract: InputContract | None = None
 
     def loader(self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0) -> Loader:
         """A loader over ``split`` (``train``, ``val`` or ``test``); augmentation on train only.
@@ -67,9 +70,14 @@ def split_indices(n: int, val_fraction: float) -> tuple[torch.Tensor, torch.Tens
     return order[n_val:], order[:n_val]
 
 
-def normalise(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]):
-    shape = (1, len(mean), 1, 1)
-    return (images - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)
+def check_labels(labels, num_classes: int, what: str) -> None:
+    """Raise :class:`DatasetError` unless every label is a class index below ``num_classes``
+    (a label out of range would crash the loss mid-training, far from the file it came from)."""
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise DatasetError(
+            f"{what} run from {int(labels.min())} to {int(labels.max())}; "
+            f"expected class indices 0 to {num_classes - 1}"
+        )
 
 
 def tensor_dataset(
@@ -81,6 +89,7 @@ def tensor_dataset(
     val_fraction: float,
     num_classes: int,
     augment: str | None = None,
+    contract: InputContract | None = None,
 ) -> ImageDataset:
     train_idx, val_idx = split_indices(len(train_labels), val_fraction)
 
@@ -95,4 +104,5 @@ def tensor_dataset(
         train=holder(train_images[train_idx], train_labels[train_idx], augment),
         val=holder(train_images[val_idx], train_labels[val_idx]) if len(val_idx) else None,
         test=holder(test_images, test_labels),
+        contract=contract,
     )

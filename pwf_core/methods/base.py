@@ -214,12 +214,19 @@ class Method(ABC):
     """
 
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
-    #: Whether weights are sampled while training (and the final model has sampled metrics).
+    #: Whether weights are sampled while training.
     bayesian: ClassVar[bool] = False
+    #: Whether the final model still samples its weights (2DGBNN's shared Gaussians), so that
+    #: its sampled predictive is reported; a model whose every weight was fixed is
+    #: deterministic, whatever sigmas it trained with.
+    stochastic_final: ClassVar[bool] = False
     #: Which parameters of conv/linear layers become (mu, sigma) pairs.
     converted: ClassVar[tuple[str, ...]] = ("weight", "bias")
     #: The config knob(s) that turn the compressed size, for the run summary.
     size_knob: ClassVar[str] = ""
+    #: The config fields that set the compressed size (their resolved values are recorded
+    #: with every run, so that a comparison shows ``b=5`` where the config said ``auto``).
+    size_knob_fields: ClassVar[tuple[str, ...]] = ()
     #: The columns of the run's step table (a Prefect artifact, the report).
     table_columns: ClassVar[tuple[Column, ...]] = (TOP1, ECE)
 
@@ -282,14 +289,15 @@ class Method(ABC):
 
         The final metrics mean the same for every method: ``cls/*`` and ``cal/*`` are the
         model as it predicts (here: its mean weights), ``mean/cls/*`` and ``mean/cal/*`` those
-        of its mean weights, and for Bayesian methods ``sampled/cls/*`` and ``sampled/cal/*``
-        those of ``ctx.mc_samples`` averaged weight samples.
+        of its mean weights, and for a model that stays stochastic (:attr:`stochastic_final`)
+        ``sampled/cls/*`` and ``sampled/cal/*`` those of ``ctx.mc_samples`` averaged weight
+        samples.
         """
         set_sampling(model, False)
         model.eval()
         headline = ctx.evaluate(model, keep=True)
         metrics = {**headline, **prefixed("mean", headline), **weight_sharing_metrics(model)}
-        if self.bayesian and ctx.mc_samples > 0 and ctx.eval_loader is not None:
+        if self.stochastic_final and ctx.mc_samples > 0 and ctx.eval_loader is not None:
             seed_everything(derive_seed(ctx.seed, "final-eval"))
             metrics |= prefixed("sampled", ctx.evaluate(model, mc_samples=ctx.mc_samples))
         return metrics
@@ -311,6 +319,11 @@ class Method(ABC):
     def step_metrics(self) -> dict[str, float]:
         """Method-specific values recorded with every step (e.g. PWFN's resolved ``b``)."""
         return {}
+
+    def size_knobs(self) -> dict[str, str]:
+        """The knobs that set the compressed size, as the run resolved them (``auto`` replaced
+        by what it became once the model was converted): ``{"b": "5", "max_order": "4"}``."""
+        return {name: str(getattr(self.config, name)) for name in self.size_knob_fields}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors the method carries between steps (e.g. k-means centroids)."""

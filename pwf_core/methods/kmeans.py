@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from pwf_core._seeding import derive_seed
 from pwf_core.methods.nearest import CodebookMethod
 from pwf_core.methods.rounds import FixingConfig
 from pwf_core.registry import register_method
@@ -17,7 +18,7 @@ class KMeansConfig(FixingConfig):
     clusters: Codebook size K (shared values for the whole network).
     iterations: Lloyd iterations at most.
     fit_samples: Weights sampled to fit the centroids (all of them when fewer).
-    seed: Seed of that sample.
+    seed: Seed of that sample, with the run's own (replicates draw different samples).
     """
 
     method: Literal["kmeans"] = "kmeans"
@@ -65,8 +66,11 @@ class KMeans(CodebookMethod):
 
     config_class = KMeansConfig
     size_knob = "compression.clusters"
+    size_knob_fields = ("clusters",)
     config: KMeansConfig
 
     def build_codebook(self, values: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        return kmeans_1d(values, cfg.clusters, cfg.iterations, cfg.fit_samples, cfg.seed)
+        # The round reseeded torch from the run's seed: a replicate fits on its own sample.
+        seed = derive_seed(cfg.seed, torch.initial_seed())
+        return kmeans_1d(values, cfg.clusters, cfg.iterations, cfg.fit_samples, seed)

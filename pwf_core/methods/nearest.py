@@ -8,18 +8,7 @@ from abc import abstractmethod
 import pandas as pd
 import torch
 
-from pwf_core.methods.rounds import SUMMARY_COLUMNS, FixingMethod, FlatWeights
-
-
-def nearest_centres(
-    values: torch.Tensor, centres: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index of the nearest of the sorted ``centres`` for each value, and its distance."""
-    upper = torch.searchsorted(centres, values).clamp_(1, len(centres) - 1)
-    lower = upper - 1
-    pick_upper = (centres[upper] - values).abs() < (values - centres[lower]).abs()
-    index = torch.where(pick_upper, upper, lower)
-    return index, (centres[index] - values).abs()
+from pwf_core.methods.rounds import SUMMARY_COLUMNS, FixingMethod, FlatWeights, nearest_centres
 
 
 def fix_nearest_first(
@@ -72,6 +61,9 @@ class CodebookMethod(FixingMethod):
     @abstractmethod
     def build_codebook(self, values: torch.Tensor) -> torch.Tensor:
         """Sorted codebook for the network's converted weights ``values``."""
+
+    def projection_centres(self, weights: FlatWeights) -> torch.Tensor | None:
+        return self.codebook
 
     def fix(self, weights: FlatWeights, target_fixed: int, round_index: int) -> pd.DataFrame:
         if self.codebook is None:

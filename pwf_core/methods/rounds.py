@@ -76,6 +76,31 @@ def fixed_target(fraction: float, total: int) -> int:
     return min(total, math.ceil(fraction * total))
 
 
+def nearest_centres(
+    values: torch.Tensor, centres: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of the nearest of the sorted ``centres`` for each value, and its distance."""
+    upper = torch.searchsorted(centres, values).clamp_(1, len(centres) - 1)
+    lower = upper - 1
+    pick_upper = (centres[upper] - values).abs() < (values - centres[lower]).abs()
+    index = torch.where(pick_upper, upper, lower)
+    return index, (centres[index] - values).abs()
+
+
+@torch.no_grad()
+def projected_values(weights: FlatWeights, centres: torch.Tensor) -> int:
+    """How many distinct values the network would hold if every free weight were fixed now to
+    its nearest centre: mid-run, a far better guess of the final count than the codebook so far
+    (early rounds fix the small weights, most of them to 0)."""
+    centres = centres.to(weights.mu.device, weights.mu.dtype)
+    free = weights.mu[~weights.fixed]
+    if len(free) and len(centres) > 1:
+        free = centres[nearest_centres(free, centres)[0]]
+    elif len(free):
+        free = centres.expand(len(free))
+    return int(torch.cat([weights.mu[weights.fixed], free]).unique().numel())
+
+
 @dataclass
 class FlatWeights:
     """The converted parameters of a whole network as flat tensors (one global view).
@@ -169,6 +194,11 @@ class FixingMethod(Method):
         """What the method adds to the training between rounds (WFN: its regulariser)."""
         return None
 
+    def projection_centres(self, weights: FlatWeights) -> torch.Tensor | None:
+        """The sorted centres the free weights are headed for, for ``ws/projected_values``
+        (``None``: the method cannot say before it fixes them)."""
+        return None
+
     @abstractmethod
     def fix(self, weights: FlatWeights, target_fixed: int, round_index: int) -> pd.DataFrame:
         """Fix free weights in place until ``target_fixed`` are fixed.
@@ -193,13 +223,18 @@ class FixingMethod(Method):
         )
         start = time.perf_counter()
         summary = pd.DataFrame(columns=SUMMARY_COLUMNS)
+        projected: dict[str, float] = {}
         if is_main():  # one rank decides the fixing; the others receive it
             weights = FlatWeights.gather(model)
             summary = self.fix(weights, fixed_target(step.fraction, len(weights)), step.index)
             weights.scatter_(model)
+            centres = self.projection_centres(weights)
+            if centres is not None:
+                projected["ws/projected_values"] = float(projected_values(weights, centres))
         self.synchronise(model)
         fix_seconds = time.perf_counter() - start
         metrics = {**ctx.evaluate(model), **self.sharing_metrics(model), **self.step_metrics()}
+        metrics |= projected
         metrics |= {
             "train/loss": trained.mean_loss,
             "train/steps": float(trained.steps),

@@ -33,6 +33,7 @@ class Uniform(CodebookMethod):
 
     config_class = UniformConfig
     size_knob = "compression.bits"
+    size_knob_fields = ("bits",)
     config: UniformConfig
 
     def build_codebook(self, values: torch.Tensor) -> torch.Tensor:

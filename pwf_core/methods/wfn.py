@@ -19,8 +19,14 @@ from pydantic import Field
 from torch import nn
 
 from pwf_core.bayes import bayesian_params
-from pwf_core.methods.nearest import fix_nearest_first, nearest_centres
-from pwf_core.methods.rounds import SUMMARY_COLUMNS, FixingConfig, FixingMethod, FlatWeights
+from pwf_core.methods.nearest import fix_nearest_first
+from pwf_core.methods.rounds import (
+    SUMMARY_COLUMNS,
+    FixingConfig,
+    FixingMethod,
+    FlatWeights,
+    nearest_centres,
+)
 from pwf_core.registry import register_method
 from pwf_core.train import TrainingHooks
 from pwf_core.types import NonNegativeFloat
@@ -169,6 +175,7 @@ class WFN(FixingMethod):
 
     config_class = WFNConfig
     size_knob = "compression.delta and compression.b"
+    size_knob_fields = ("b", "delta")
     config: WFNConfig
 
     def __init__(self, config: WFNConfig) -> None:
@@ -188,6 +195,9 @@ class WFN(FixingMethod):
         if self.config.reg_strength == 0:
             return None
         return _DistanceRegulariser(self.config, self._centres_for(model))
+
+    def projection_centres(self, weights: FlatWeights) -> torch.Tensor | None:
+        return self.centres
 
     def fix(self, weights: FlatWeights, target_fixed: int, round_index: int) -> pd.DataFrame:
         assert self.centres is not None, "initialise() builds the centres before the first round"

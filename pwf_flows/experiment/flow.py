@@ -9,6 +9,7 @@ computes an experiment (:mod:`pwf_flows.run_lock`).
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +23,11 @@ from prefect.settings import PREFECT_UI_URL
 
 from pwf_core._files import is_complete_safetensors, write_text_atomic
 from pwf_core.checkpoint import read_checkpoint_header
-from pwf_core.config import ExperimentConfig, config_to_dict, flatten_config, parse_config
+from pwf_core.config import ExperimentConfig, config_to_dict, parse_config, recorded_params
 from pwf_core.distributed import world_size
 from pwf_core.methods import Method, Step, StepRecord
 from pwf_core.registry import create_method
-from pwf_flows.artifacts import ExperimentFiles, run_key
+from pwf_flows.artifacts import ExperimentFiles, run_key, setting_key, usable_checkpoint
 from pwf_flows.environment import configure_environment
 from pwf_flows.experiment.summary import artifact_key, default_run_name, description, markdown
 from pwf_flows.experiment.tasks import (
@@ -37,13 +38,15 @@ from pwf_flows.experiment.tasks import (
     step_task,
 )
 from pwf_flows.infra import set_infra_timeout
+from pwf_flows.links import run_url
+from pwf_flows.orphans import take_over_experiment
 from pwf_flows.results import finished_result
 from pwf_flows.run_lock import exclusive_run
+from pwf_flows.sweep.early_stopping import RoundMonitor
 from pwf_flows.sweep.trials import owned_trial
 from pwf_flows.tracking import (
     RunTracker,
     note,
-    run_url,
     standard_tags,
     tracked_run,
     tracking_uri,
@@ -95,13 +98,17 @@ def pwf_experiment(
         fresh: Start over even if this experiment finished or has checkpoints; its earlier
             MLflow run is left as it is.
         source: What launched the run (MLflow's ``mlflow.source.name``).
-        trial: The sweep trial this run computes on a worker (``storage``, ``study``,
-            ``number``, ``heartbeat_s``): the run keeps the trial's heartbeat, and does nothing
-            when the trial is no longer running (its driver gave it up).
+        trial: The sweep trial (and replicate) this run computes (``storage``, ``study``,
+            ``number``, ``heartbeat_s``, ``heartbeat``, ``replicate``, ``objectives``,
+            ``rule``): on a worker the run keeps the trial's heartbeat, and does nothing when
+            the trial is no longer running (its driver gave it up); every step's point is
+            recorded in the study, and the early-stopping ``rule`` may end the run there.
 
     Returns:
         The MLflow run id and URL, the experiment folder, the tracking URI, the final metrics
-        and timings; ``already_complete`` when a finished run was found and left untouched.
+        and timings; ``already_complete`` when a finished run was found and left untouched;
+        ``early_stopped`` (where, by which trials, the compute saved) when the sweep's rule
+        stopped it, with the last step's metrics.
     """
     configure_environment()  # a worker's flow run starts here, not in the pwf command
     cfg = parse_config(config or {})
@@ -123,6 +130,7 @@ def pwf_experiment(
             run_name or default_run_name(cfg),
             fresh,
             source,
+            trial,
         )
         set_infra_timeout(cfg.execution.infra_timeout_s)
         with exclusive_run(request.files.lock_folder, f"'{cfg.name}' ({request.files.root})"):
@@ -142,6 +150,7 @@ class _Request:
     run_name: str
     fresh: bool
     source: str
+    trial: dict[str, Any] | None = None
 
     @property
     def values(self) -> dict[str, Any]:
@@ -150,6 +159,9 @@ class _Request:
 
 def _experiment(request: _Request) -> dict[str, Any]:
     cfg, files = request.cfg, request.files
+    crashed = take_over_experiment(files.root)
+    if crashed:
+        get_run_logger().info("marked CRASHED what a killed process left running: %s", crashed)
     if request.fresh:
         files.clear_outputs()
     done = finished_result(cfg, files)
@@ -169,6 +181,7 @@ def _experiment(request: _Request) -> dict[str, Any]:
         # object and linking a task to the wrong upstream one.
         results: list[dict] = []
         previous, records, compute_s = _start_or_resume(request, plan, tracker, results)
+        monitor = RoundMonitor(request.trial, len(plan)) if request.trial is not None else None
         for step in plan[len(records) :]:
             previous = step_task(
                 request.values,
@@ -181,10 +194,14 @@ def _experiment(request: _Request) -> dict[str, Any]:
             results.append(previous)
             records.append(StepRecord(step, previous["metrics"]))
             tracker.log_metrics(previous["metrics"], step=step.index + 1)
-            compute_s += sum(
-                previous["metrics"].get(k, 0.0)
-                for k in ("time/train_s", "time/fix_s", "time/eval_s")
-            )
+            compute_s += _step_compute(previous["metrics"])
+            if monitor is not None:
+                spent = sum(_step_compute(record.metrics) for record in records)
+                decision = monitor.after_step(step.index, previous["metrics"], spent)
+                if decision.stop:
+                    return _stopped_early(
+                        request, tracker, step, len(plan), decision.by, spent, compute_s, started
+                    )
         summary = evaluate_task(
             request.values, previous, request.artifacts_dir, _pretrained_acc(files), title
         )
@@ -204,8 +221,67 @@ def _experiment(request: _Request) -> dict[str, Any]:
         "artifacts": str(files.root),
         "tracking_uri": tracking_uri(),
         "url": tracker.url,
+        "prefect_url": prefect_task_url() or flow_run.ui_url,
         "metrics": summary["metrics"],
         "timing": timing,
+        "already_complete": False,
+    }
+
+
+def _step_compute(metrics: dict[str, float]) -> float:
+    return sum(metrics.get(key, 0.0) for key in COMPUTE_KEYS)
+
+
+def _stopped_early(
+    request: _Request,
+    tracker: RunTracker,
+    step: Step,
+    steps: int,
+    by: tuple[int, ...],
+    spent_s: float,
+    compute_s: float,
+    started: float,
+) -> dict[str, Any]:
+    """End a sweep trial's run that early stopping stopped after ``step``: FINISHED, with a
+    tag saying where and by which trials, its checkpoints removed (nobody resumes it), and
+    the compute the rest of it would have cost (an estimate from its steps so far)."""
+    whole_s = spent_s / (step.index + 1) * steps
+    stopped = {
+        "round": step.number,
+        "step": str(step),
+        "by": list(by),
+        "saved_s": whole_s - spent_s,
+        "whole_s": whole_s,
+    }
+    tracker.set_tags(
+        {
+            "early_stopped.round": str(step.index + 1),
+            "early_stopped.step": str(step),
+            "early_stopped.by": ", ".join(map(str, by)),
+        }
+    )
+    timing = {"time/experiment_s": time.perf_counter() - started, "time/compute_s": compute_s}
+    tracker.log_metrics(
+        timing | {"early_stopped/saved_s": stopped["saved_s"], "early_stopped/whole_s": whole_s}
+    )
+    request.files.remove_checkpoints()
+    write_text_atomic(request.files.early_stopped, json.dumps(stopped))
+    get_run_logger().info(
+        "stopped after %s: trials %s are better there in every objective; about %.0f s of "
+        "compute saved",
+        step,
+        ", ".join(map(str, by)),
+        stopped["saved_s"],
+    )
+    return {
+        "run_id": tracker.run_id,
+        "experiment": request.cfg.name,
+        "artifacts": str(request.files.root),
+        "tracking_uri": tracking_uri(),
+        "url": tracker.url,
+        "metrics": tracker.logged_metrics(),
+        "timing": timing,
+        "early_stopped": stopped,
         "already_complete": False,
     }
 
@@ -234,10 +310,13 @@ def _tags(request: _Request, about: str) -> dict[str, str]:
     cfg = request.cfg
     return {
         **standard_tags(request.source, about),
+        "kind": "experiment",
         "method": cfg.compression.method,
         "model": cfg.model.name,
         "dataset": cfg.data.name,
         "run_key": run_key(cfg),
+        "setting": setting_key(cfg),
+        "replicate": str(cfg.replicate.index),
         "artifacts": str(request.files.root),
         **request.tags,
     }
@@ -270,7 +349,7 @@ def _link(request: _Request, tracker: RunTracker, about: str) -> None:
     if world_size() > 1:
         logger.info("training on %d processes (DDP); rank 0 fixes and logs", world_size())
         tracker.set_tags({"distributed.world_size": world_size()})
-    tracker.log_params(flatten_config(request.cfg))
+    tracker.log_params(recorded_params(request.cfg))
 
 
 def _start_or_resume(
@@ -287,7 +366,7 @@ def _start_or_resume(
     """
     files, logger = request.files, get_run_logger()
     finished = files.finished_steps(len(plan), warn=logger.warning)
-    if finished == 0 and not is_complete_safetensors(files.init):
+    if finished == 0 and not usable_checkpoint(files.init, logger.warning):
         pretrained = pretrain_task(request.values, request.artifacts_dir, request.progress)
         _log_pretraining(tracker, pretrained)
         prepared = prepare_task(request.values, pretrained, request.artifacts_dir, request.progress)
@@ -318,11 +397,9 @@ def _log_pretraining(tracker: RunTracker, pretrained: dict) -> None:
 
 def _log_missing_steps(tracker: RunTracker, records: list[StepRecord]) -> None:
     """Log the steps a crash kept from MLflow (it can fall between a checkpoint and its log);
-    a step that is already there is not logged again."""
+    the tracker leaves out whatever is there already."""
     for record in records:
-        number = record.step.index + 1
-        if record.metrics and number not in tracker.logged_steps(next(iter(record.metrics))):
-            tracker.log_metrics(record.metrics, step=number)
+        tracker.log_metrics(record.metrics, step=record.step.index + 1)
 
 
 def _pretrained_acc(files: ExperimentFiles) -> float | None:
@@ -333,6 +410,8 @@ def _pretrained_acc(files: ExperimentFiles) -> float | None:
 
 def _record_results(tracker: RunTracker, files: ExperimentFiles, summary: dict) -> None:
     tracker.log_metrics({f"final/{k}": v for k, v in summary["metrics"].items()})
+    # the size knobs as the run resolved them (b=5 where the config said auto)
+    tracker.log_params({f"knob.{k}": v for k, v in summary.get("knobs", {}).items()})
     tracker.log_artifact(files.config)
     for path in map(Path, summary["outputs"].values()):
         tracker.log_artifact(path, ARTIFACT_FOLDERS[path.suffix])

@@ -12,17 +12,20 @@ from pwf_flows.artifacts import run_key
 
 
 def default_run_name(config: ExperimentConfig) -> str:
-    """What tells this run from its neighbours: method, model, data and a config hash."""
-    return (
-        f"{config.compression.method}-{config.model.name}-{config.data.name}-{run_key(config)[:6]}"
-    )
+    """What tells this run from its neighbours: method, model, data and a config hash (and
+    its replicate, for a replicate)."""
+    name = f"{config.compression.method}-{config.model.name}-{config.data.name}-"
+    name += run_key(config)[:6]
+    return name + (f" r{config.replicate.index}" if config.replicate.index else "")
 
 
 def description(config: ExperimentConfig, plan: list[Step]) -> str:
     """The run's MLflow description."""
     return (
         f"{config.compression.method} on {config.model.name} / {config.data.name}, "
-        f"{len(plan)} steps, seed {config.seed}; artifacts key {run_key(config)}"
+        f"{len(plan)} steps, seed {config.seed}"
+        + (f", replicate {config.replicate.index}" if config.replicate.index else "")
+        + f"; artifacts key {run_key(config)}"
     )
 
 

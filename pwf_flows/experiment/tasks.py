@@ -18,17 +18,17 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from pwf_core import Compression
-from pwf_core._files import atomic_path, is_complete_safetensors, write_text_atomic
+from pwf_core._files import atomic_path, write_text_atomic
 from pwf_core.checkpoint import load_checkpoint, read_checkpoint_header, save_checkpoint
 from pwf_core.config import DataConfig, ExperimentConfig, config_to_dict, parse_config
-from pwf_core.data import ImageDataset, load_dataset
+from pwf_core.data import ImageDataset, InputContract, load_dataset
 from pwf_core.export import save_compressed
 from pwf_core.methods import Step, StepRecord
 from pwf_core.methods.base import history
 from pwf_core.metrics import reliability_bins
 from pwf_core.onnx_export import check_onnx, export_onnx
 from pwf_core.pretrain import build_experiment_model, model_spec, pretrain
-from pwf_flows.artifacts import ExperimentFiles, pretrain_key
+from pwf_flows.artifacts import ExperimentFiles, pretrain_key, usable_checkpoint
 from pwf_flows.distributed import lead, share_state
 from pwf_flows.plots import accuracy_vs_unique_values, draw_figure, reliability_diagram
 
@@ -66,13 +66,13 @@ def _resume(config: ExperimentConfig, path: Path, progress: bool) -> Compression
     return run
 
 
-@task(name="pretrain", cache_policy=NO_CACHE)
+@task(name="pretrain", cache_policy=NO_CACHE, task_run_name="pretrain")
 def pretrain_task(config: dict[str, Any], artifacts_dir: str, progress: bool = True) -> dict:
     """Train the deterministic model, or reuse the cached file for the same pretraining."""
     cfg = parse_config(config)
     path = ExperimentFiles.for_config(cfg, artifacts_dir).pretrained_model
     logger = get_run_logger()
-    if is_complete_safetensors(path):
+    if usable_checkpoint(path, logger.warning):
         header = read_checkpoint_header(path)
         logger.info("reusing cached pretraining %s (key %s)", path, pretrain_key(cfg))
         acc = header["test_metrics"]["cls/acc"]
@@ -99,7 +99,7 @@ def pretrain_task(config: dict[str, Any], artifacts_dir: str, progress: bool = T
     return {"path": str(path), "cached": False, "test_acc": acc, "seconds": result.seconds}
 
 
-@task(name="prepare", cache_policy=NO_CACHE)
+@task(name="prepare", cache_policy=NO_CACHE, task_run_name="prepare")
 def prepare_task(
     config: dict[str, Any], pretrained: dict, artifacts_dir: str, progress: bool = True
 ) -> dict:
@@ -181,14 +181,14 @@ def _tables(records: list[StepRecord]) -> tuple[pd.DataFrame, pd.DataFrame]:
     return history(records), pd.DataFrame(detail)
 
 
-def _onnx(run: Compression, path: Path) -> dict[str, float]:
-    """Write the compressed model as ONNX (codebook + indices) and check it in ONNX Runtime
-    on a test batch: ``size/onnx_bytes``, ``size/onnx_float_bytes`` and
-    ``export/onnx_max_logit_diff``. A model the exporter cannot take costs the run nothing
-    but a warning (the compressed file is what the run promises)."""
+def _onnx(run: Compression, path: Path, contract: InputContract | None) -> dict[str, float]:
+    """Write the compressed model as ONNX (codebook + indices, the dataset's input contract
+    among its metadata) and check it in ONNX Runtime on a test batch: ``size/onnx_bytes``,
+    ``size/onnx_float_bytes`` and ``export/onnx_max_logit_diff``. A model the exporter cannot
+    take costs the run nothing but a warning (the compressed file is what the run promises)."""
     batch = next(iter(run.context.eval_loader))[0][:64].cpu()
     try:
-        written = export_onnx(run.model, path, batch)
+        written = export_onnx(run.model, path, batch, contract=contract)
         difference = check_onnx(written.path, run.model, batch)
     except Exception as err:  # an architecture torch.onnx cannot trace, a runtime missing
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
@@ -199,7 +199,7 @@ def _onnx(run: Compression, path: Path) -> dict[str, float]:
     return written.as_metrics() | {"export/onnx_max_logit_diff": difference}
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
+@task(name="evaluate", cache_policy=NO_CACHE, task_run_name="evaluate")
 def evaluate_task(
     config: dict[str, Any],
     last_step: dict,
@@ -218,6 +218,7 @@ def evaluate_task(
         files.final / "model.pwf.safetensors",
         spec=model_spec(cfg, cached_dataset(cfg.data)),
         config=config_to_dict(cfg),
+        contract=cached_dataset(cfg.data).contract,
     )
     metrics |= export.as_metrics()
     steps, detail = _tables(step_history(Path(last_step["path"])))
@@ -226,7 +227,7 @@ def evaluate_task(
         "detail": files.final / "detail.parquet",
         "model": export.path,
     }
-    onnx_metrics = _onnx(run, files.final / "model.onnx")
+    onnx_metrics = _onnx(run, files.final / "model.onnx", cached_dataset(cfg.data).contract)
     if onnx_metrics:
         metrics |= onnx_metrics
         outputs["onnx"] = files.final / "model.onnx"
@@ -242,6 +243,7 @@ def evaluate_task(
         )
     if run.context.final_predictions is not None:
         log_probs, labels = run.context.final_predictions
+        metrics["data/test_samples"] = float(len(labels))  # one sample is 100 / n points
         bins = reliability_bins(log_probs.exp(), labels)
         outputs["reliability_bins"] = write_text_atomic(
             files.final / "reliability.json", json.dumps(bins)
@@ -249,10 +251,11 @@ def evaluate_task(
         outputs["reliability"] = reliability_diagram(
             bins, files.final / "reliability.png", title, metrics.get("cal/ece")
         )
-    for figure in run.method.figures(run.model, cfg.seed):
+    for figure in run.method.figures(run.model, cfg.compression_seed):
         outputs[figure.name] = draw_figure(figure, files.final / f"{figure.name}.png", title)
     summary = {
         "metrics": metrics,
+        "knobs": run.method.size_knobs(),
         "outputs": {k: str(v) for k, v in outputs.items()},
         "seconds": time.perf_counter() - started,
     }

@@ -1,6 +1,7 @@
-"""The report's figures: accuracy against unique values with one series per method, and the
-chosen runs' reliability diagrams side by side; as PNG files and as SVG for the page, where
-every point names its run and knobs when the pointer rests on it."""
+"""The report's figures: accuracy against unique values (each setting's mean with its 95 %
+intervals on both axes, each method's mean front joined), and reliability diagrams whose
+sparse bins cannot be read as miscalibration; as PNG files and as SVG for the page, where every
+setting names its method, knobs and numbers when the pointer rests on it."""
 
 from __future__ import annotations
 
@@ -11,9 +12,15 @@ import re
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.text import Annotation
+from scipy import stats
 
-from pwf_flows.plots import accuracy_limits, draw_reliability, fitted_title, log_axis
+from pwf_flows.plots import accuracy_limits, fitted_title, log_axis
 from pwf_flows.report.collect import ReportRun
+from pwf_flows.report.statistics import MIN_REPLICATES, Setting, Summary
 
 X_KEY, Y_KEY = "ws/unique_values", "cls/acc"
 X_LABEL = "unique values"
@@ -22,29 +29,53 @@ X_MEANING = (
     "(a codebook's size; for stochastic sharing, its shared Gaussians plus the outliers that "
     "keep a Gaussian of their own)."
 )
+LABEL_SIZE = 8
+# Where a label may sit relative to its point (points): right-above first, then the others.
+PLACES = (
+    (6, 5, "left", "bottom"),
+    (-6, 5, "right", "bottom"),
+    (6, -5, "left", "top"),
+    (-6, -5, "right", "top"),
+)
+SPARSE_BIN = 10  # a bin of fewer test samples has a resolution coarser than 10 pt
 
 
-def non_dominated(runs: Sequence[ReportRun]) -> list[ReportRun]:
-    """The runs no other beats on both axes (higher top-1, fewer unique values), by size."""
+def non_dominated(settings: Sequence[Setting]) -> list[Setting]:
+    """The settings no other beats on both mean axes (higher top-1, fewer unique values), by
+    size."""
+
+    def point(s: Setting) -> tuple[float, float]:
+        return s.mean(Y_KEY), s.mean(X_KEY)
+
     kept = [
-        run
-        for run in runs
-        if not any(
-            other.metric(Y_KEY) >= run.metric(Y_KEY)
-            and other.metric(X_KEY) <= run.metric(X_KEY)
-            and (other.metric(Y_KEY) > run.metric(Y_KEY) or other.metric(X_KEY) < run.metric(X_KEY))
-            for other in runs
+        s
+        for s in settings
+        if not math.isnan(s.mean(X_KEY))
+        and not any(
+            point(o)[0] >= point(s)[0] and point(o)[1] <= point(s)[1] and point(o) != point(s)
+            for o in settings
         )
     ]
-    return sorted(kept, key=lambda run: run.metric(X_KEY))
+    return sorted(kept, key=lambda s: s.mean(X_KEY))
 
 
-def point_label(run: ReportRun) -> str:
-    """What a point says of its run: name, knobs, position."""
-    knobs = ", ".join(f"{key}={value}" for key, value in run.knobs.items())
+def _interval(summary: Summary | None, scale: float = 1.0) -> str:
+    if summary is None or summary.n == 0:
+        return "—"
+    if summary.n < 2:
+        return f"{scale * summary.mean:.2f} (one replicate: no interval)"
     return (
-        f"{run.name}\n{run.method}: {knobs or 'defaults'}\n"
-        f"top-1 {100 * run.metric(Y_KEY):.2f} %, {int(run.metric(X_KEY))} {X_LABEL}"
+        f"{scale * summary.mean:.2f} ± {scale * summary.half_width:.2f} "
+        f"[{scale * summary.low:.2f}, {scale * summary.high:.2f}]"
+    )
+
+
+def setting_tooltip(setting: Setting) -> str:
+    """What a point says of its setting: method, knobs, n, its means and intervals."""
+    return (
+        f"{setting.label}\nn = {setting.n} replicate{'s' if setting.n != 1 else ''}\n"
+        f"top-1 (%) {_interval(setting.stats.get(Y_KEY), 100)}\n"
+        f"{X_LABEL} {_interval(setting.stats.get(X_KEY))}"
     )
 
 
@@ -54,65 +85,147 @@ def reference_accuracy(runs: Sequence[ReportRun]) -> float | None:
     return max(set(values), key=values.count) if values else None
 
 
+def _error(summary: Summary | None, floor: float | None = None) -> list[list[float]]:
+    """Matplotlib's asymmetric error for one point: none without an interval; a lower end
+    cut at ``floor`` (a log axis has no room below it)."""
+    if summary is None or summary.n < 2:
+        return [[0.0], [0.0]]
+    low = summary.low if floor is None else max(summary.low, floor)
+    return [[summary.mean - low], [summary.high - summary.mean]]
+
+
+def _overlaps(box, placed) -> bool:
+    return any(box.overlaps(other) for other in placed)
+
+
+def place_labels(ax: Axes, labels: list[Annotation]) -> None:
+    """Move each label to the first place around its point that keeps it inside the axes and
+    off the labels already placed (else the first inside)."""
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    placed = []
+    for label in labels:
+        inside = []
+        for dx, dy, ha, va in PLACES:
+            label.set_position((dx, dy))
+            label.set_ha(ha)
+            label.set_va(va)
+            box = label.get_window_extent(renderer)
+            if frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1):
+                inside.append((dx, dy, ha, va))
+                if not _overlaps(box, placed):
+                    break
+        else:
+            dx, dy, ha, va = inside[0] if inside else PLACES[0]
+            label.set_position((dx, dy))
+            label.set_ha(ha)
+            label.set_va(va)
+        placed.append(label.get_window_extent(renderer))
+
+
 class FrontFigure:
     """Accuracy against unique values, one subplot per panel, one series per method."""
 
-    def __init__(self, panels: dict[str, list[ReportRun]]) -> None:
-        self.panels = panels
-        count = len(panels)
-        self.fig, axes = plt.subplots(1, count, figsize=(6.4 * count, 4.6), squeeze=False)
+    def __init__(self, settings: dict[str, list[Setting]], runs: dict[str, list[ReportRun]]):
+        self.settings = settings
+        count = len(settings)
+        self.fig, axes = plt.subplots(1, count, figsize=(7.2 * count, 5.4), squeeze=False)
         self.labels: dict[str, str] = {}
-        for ax, (title, runs) in zip(axes[0], panels.items(), strict=True):
-            self._panel(ax, title, runs)
+        self.annotations: list[tuple[Axes, list[Annotation]]] = []
+        for ax, (title, group) in zip(axes[0], settings.items(), strict=True):
+            self._panel(ax, title, group, runs.get(title, []))
         self.fig.tight_layout()
+        for ax, labels in self.annotations:
+            place_labels(ax, labels)
 
-    def _panel(self, ax: plt.Axes, title: str, runs: list[ReportRun]) -> None:
-        methods = sorted({run.method for run in runs})
+    def _panel(self, ax: Axes, title: str, settings: list[Setting], runs: list[ReportRun]) -> None:
+        methods = sorted({s.method for s in settings})
         shown = [100 * run.metric(Y_KEY) for run in runs]
+        xs = [run.metric(X_KEY) for run in runs if run.metric(X_KEY)]
+        labels: list[Annotation] = []
         for index, method in enumerate(methods):
-            mine = [run for run in runs if run.method == method]
+            mine = [s for s in settings if s.method == method]
             colour = f"C{index % 10}"
             front = non_dominated(mine)
+            self._replicates(ax, [run for s in mine for run in s.runs], colour)
+            replicates = sorted({s.n for s in mine})
+            n_text = "/".join(map(str, replicates))
             ax.plot(
-                [run.metric(X_KEY) for run in front],
-                [100 * run.metric(Y_KEY) for run in front],
+                [s.mean(X_KEY) for s in front],
+                [100 * s.mean(Y_KEY) for s in front],
                 "-",
                 color=colour,
                 lw=1.5,
-                label=f"{method} ({len(mine)} run{'s' if len(mine) > 1 else ''})",
+                label=f"{method} ({len(mine)} setting{'s' if len(mine) > 1 else ''}, n = {n_text})",
             )
-            for run in mine:
-                gid = f"point-{len(self.labels)}"
-                self.labels[gid] = point_label(run)
-                (marker,) = ax.plot(
-                    [run.metric(X_KEY)],
-                    [100 * run.metric(Y_KEY)],
-                    "o",
-                    color=colour,
-                    alpha=1.0 if run in front else 0.35,
-                    ms=6,
-                )
-                marker.set_gid(gid)
-            for run in front:
+            for setting in mine:
+                self._setting(ax, setting, colour, setting in front)
+            labels += [
                 ax.annotate(
-                    ", ".join(f"{k}={v}" for k, v in list(run.knobs.items())[:2]) or run.method,
-                    (run.metric(X_KEY), 100 * run.metric(Y_KEY)),
+                    setting.label,
+                    (setting.mean(X_KEY), 100 * setting.mean(Y_KEY)),
                     textcoords="offset points",
-                    xytext=(4, 5),
-                    fontsize=6,
+                    xytext=PLACES[0][:2],
+                    fontsize=LABEL_SIZE,
                     color=colour,
+                    annotation_clip=False,
                 )
+                for setting in front
+            ]
+        self.annotations.append((ax, labels))
+        # the intervals of well-replicated settings fit in; a two-seed interval may run off
+        shown += [
+            100 * end
+            for s in settings
+            if s.n >= MIN_REPLICATES and (y := s.stats.get(Y_KEY)) is not None
+            for end in (y.low, y.high)
+        ]
         reference = reference_accuracy(runs)
         if reference is not None:
             ax.axhline(100 * reference, ls="--", color="0.4", lw=1, label="pretrained")
             shown.append(100 * reference)
         ax.set_ylim(*accuracy_limits(shown))
-        log_axis(ax, [run.metric(X_KEY) for run in runs])
-        ax.set_xlabel(f"{X_LABEL} (fewer is smaller)")
+        log_axis(ax, xs)
+        if xs:
+            low, high = min(xs), max(xs)
+            pad = (high / low) ** 0.12 if ax.get_xscale() == "log" else None
+            if pad is not None and pad > 1:
+                ax.set_xlim(low / pad, high * pad)
+        scale = " (log scale)" if ax.get_xscale() == "log" else ""
+        ax.set_xlabel(f"{X_LABEL}{scale}")
         ax.set_ylabel("test top-1 (%)")
         ax.set_title(fitted_title(title, self.fig), fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3)
+
+    def _replicates(self, ax: Axes, runs: list[ReportRun], colour: str) -> None:
+        """Each replicate as a faint dot: the spread behind a mean."""
+        ax.plot(
+            [run.metric(X_KEY) for run in runs],
+            [100 * run.metric(Y_KEY) for run in runs],
+            ".",
+            color=colour,
+            alpha=0.25,
+            ms=4,
+        )
+
+    def _setting(self, ax: Axes, setting: Setting, colour: str, on_front: bool) -> None:
+        gid = f"setting-{len(self.labels)}"
+        self.labels[gid] = setting_tooltip(setting)
+        x, y = setting.stats.get(X_KEY), setting.stats.get(Y_KEY)
+        container = ax.errorbar(
+            [setting.mean(X_KEY)],
+            [100 * setting.mean(Y_KEY)],
+            xerr=_error(x, floor=1.0),
+            yerr=[[100 * v for v in part] for part in _error(y)],
+            fmt="o",
+            color=colour,
+            alpha=1.0 if on_front else 0.4,
+            ms=6,
+            capsize=3,
+            elinewidth=1,
+        )
+        container[0].set_gid(gid)
 
     def png(self) -> bytes:
         buffer = io.BytesIO()
@@ -120,7 +233,7 @@ class FrontFigure:
         return buffer.getvalue()
 
     def svg(self) -> str:
-        """The figure as inline SVG; each point carries its run's label as a tooltip."""
+        """The figure as inline SVG; each setting's point carries its numbers as a tooltip."""
         buffer = io.StringIO()
         self.fig.savefig(buffer, format="svg")
         text = buffer.getvalue()
@@ -138,19 +251,111 @@ class FrontFigure:
         plt.close(self.fig)
 
 
-def reliability_grid(chosen: list[tuple[ReportRun, dict]]) -> tuple[bytes, str]:
-    """The chosen runs' reliability diagrams side by side (with each bin's count), as PNG
-    bytes and inline SVG."""
+def pooled_bins(many: Sequence[dict[str, list[float]]]) -> dict[str, list[float]]:
+    """Reliability bins of several replicates as one: counts added, accuracy and confidence
+    weighted by count (the bins' edges are pwf's, the same for every run)."""
+    first = many[0]
+    count = [sum(b["count"][i] for b in many) for i in range(len(first["count"]))]
+
+    def weighted(key: str) -> list[float]:
+        return [
+            sum(b[key][i] * b["count"][i] for b in many) / count[i] if count[i] else 0.0
+            for i in range(len(count))
+        ]
+
+    return {
+        "lower": first["lower"],
+        "upper": first["upper"],
+        "confidence": weighted("confidence"),
+        "accuracy": weighted("accuracy"),
+        "count": count,
+    }
+
+
+def reliability_panel(ax: Axes, bins: dict[str, list[float]], title: str) -> None:
+    """Accuracy per confidence bin with its 95 % binomial interval (Clopper-Pearson); bins of
+    fewer than :data:`SPARSE_BIN` samples faded, without a gap drawn (too few to show
+    miscalibration); every bin's count written over it, the legend below the axes."""
+    width = bins["upper"][0] - bins["lower"][0]
+    for i, count in enumerate(bins["count"]):
+        if count <= 0:
+            continue
+        left, accuracy, confidence = bins["lower"][i], bins["accuracy"][i], bins["confidence"][i]
+        sparse = count < SPARSE_BIN
+        ax.bar(
+            left,
+            accuracy,
+            width=width,
+            align="edge",
+            color="C0",
+            edgecolor="C0",
+            alpha=0.18 if sparse else 0.7,
+        )
+        if not sparse:
+            ax.bar(
+                left,
+                confidence - accuracy,
+                bottom=accuracy,
+                width=width,
+                align="edge",
+                fill=False,
+                hatch="//",
+                edgecolor="C3",
+                lw=0.5,
+            )
+        interval = stats.binomtest(round(accuracy * count), int(count)).proportion_ci(0.95)
+        centre = left + width / 2
+        ax.plot([centre, centre], [interval.low, interval.high], color="0.25", lw=0.8)
+        ax.text(
+            centre,
+            min(max(accuracy, confidence, interval.high) + 0.015, 1.02),
+            f"{int(count)}",
+            ha="center",
+            va="bottom",
+            fontsize=7.5,
+            color="0.45" if sparse else "0.1",
+            rotation=90 if count >= 1000 else 0,
+        )
+    ax.plot([0, 1], [0, 1], ls="--", color="0.3", lw=1)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.12)
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    ax.set_xlabel("confidence (numbers: test samples per bin)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=9)
+    handles = [
+        Patch(color="C0", alpha=0.7, label="accuracy"),
+        Patch(color="C0", alpha=0.18, label=f"< {SPARSE_BIN} samples"),
+        Patch(fill=False, hatch="//", edgecolor="C3", label="gap to confidence"),
+        Line2D([], [], color="0.25", lw=0.8, label="95 % interval"),
+    ]
+    ax.legend(
+        handles=handles,
+        fontsize=7,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.16),
+        ncol=2,
+        frameon=False,
+    )
+
+
+def reliability_grid(chosen: list[tuple[Setting, dict]]) -> tuple[bytes, str]:
+    """The chosen settings' reliability diagrams side by side, as PNG bytes and inline SVG."""
     count = len(chosen)
     columns = min(count, 3)
     rows = math.ceil(count / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 4.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 5.0 * rows), squeeze=False)
     for ax in axes.flat[count:]:
         ax.set_visible(False)
-    for ax, (run, bins) in zip(axes.flat, chosen, strict=False):
-        ece = run.metric("cal/ece")
-        title = f"{run.method}: {run.name}\nECE {ece:.4f}" if ece is not None else run.name
-        draw_reliability(ax, bins, fitted_title(title, fig, 9))
+    for ax, (setting, bins) in zip(axes.flat, chosen, strict=False):
+        ece = setting.stats.get("cal/ece")
+        title = setting.label
+        if ece is not None and ece.n:
+            spread = f" ± {ece.half_width:.4f}" if ece.n > 1 else ""
+            title += f"\nECE {ece.mean:.4f}{spread} (n = {ece.n})"
+        if setting.n > 1:
+            title += f", bins of {setting.n} replicates pooled"
+        reliability_panel(ax, bins, fitted_title(title, fig, 9))
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)

@@ -9,7 +9,7 @@ from sqlalchemy.engine import make_url
 
 from pwf_flows.infra import TrackingUnavailable, set_infra_timeout, wait_for_http
 from pwf_flows.report.collect import ReportError
-from pwf_flows.tracking import shown_uri
+from pwf_flows.tracking import shown_uri, tracking_uri_problem
 
 REACH_S = 10.0  # a report's store answers at once or is a wrong address, not an outage
 
@@ -23,8 +23,13 @@ def open_store(uri: str | None) -> tuple[MlflowClient, str]:
     Raises:
         ReportError: naming the store, when it is missing or does not answer.
     """
+    named = uri is not None
     uri = uri or os.environ["MLFLOW_TRACKING_URI"]
     shown = shown_uri(uri)
+    problem = tracking_uri_problem(uri)
+    if problem is not None:
+        where = "--tracking-uri" if named else "MLFLOW_TRACKING_URI"
+        raise ReportError(f"{where} '{shown}' {problem}")
     set_infra_timeout(REACH_S)
     if uri.startswith("sqlite"):
         database = make_url(uri).database

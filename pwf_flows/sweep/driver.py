@@ -1,52 +1,56 @@
 """One sweep process: asks, runs (here or on a work pool), tells, and reports progress.
 
-Trials run in-process (the embedded default: each a Prefect task named after the trial) or,
-given a trial deployment (``pwf-experiment/gpu``), as deployment runs on a work pool, up to
-``execution.max_parallel`` in flight: one per GPU worker. Several drivers may work on one
-study: a trial has a heartbeat from the process that owns it, only a trial whose heartbeat
-stopped is failed and retried (with the same parameters, so its experiment resumes from its
-checkpoints), a driver adopts the deployment runs still going, and a driver starts a trial only
-while complete + running trials are fewer than ``n_trials``.
+Trials run in-process (the embedded default: each replicate a Prefect task named after the
+trial) or, given a trial deployment (``pwf-experiment/gpu``), as deployment runs on a work pool
+(:mod:`pwf_flows.sweep.pool`), up to ``execution.max_parallel`` replicates in flight: one per
+GPU worker. Several drivers may work on one study: a trial has a heartbeat from the process
+that owns it, only a trial whose heartbeat stopped is failed and retried (with the same
+parameters, so its experiments resume from their checkpoints), and a driver starts a trial only
+while the trials done (complete, or stopped early) and running are fewer than ``n_trials``.
+
+A trial with replicates (:mod:`pwf_flows.sweep.replicates`) is done when every replicate
+finished, or when early stopping (:mod:`pwf_flows.sweep.early_stopping`) stopped one of them:
+its remaining replicates are not run, and it is PRUNED in Optuna.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 from typing import Any
 
 import optuna
-from mlflow.tracking import MlflowClient
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.client.orchestration import get_client
-from prefect.deployments import run_deployment
-from prefect.states import Crashed
 
 from pwf_core.config import ExperimentConfig, config_to_dict
 from pwf_flows.experiment import pwf_experiment
 from pwf_flows.infra import InfraUnavailable, is_interrupt
+from pwf_flows.sweep.early_stopping import STOPPED_ATTR
+from pwf_flows.sweep.replicates import TrialRun, TrialWork, objective_attrs, summarise
 from pwf_flows.sweep.spec import SweepSpec
 from pwf_flows.sweep.study import (
     TRIAL_TAG,
     duplicate_of,
+    prune,
     suggest,
     tell,
     trial_run_name,
+    trials_done,
     trials_in,
 )
 from pwf_flows.sweep.trials import Heartbeats, fail_stale, quiet_optuna, requeue
-from pwf_flows.tracking import client as mlflow_client
-from pwf_flows.tracking import experiment_id, retried, run_url
 
 POLL_SECONDS = 2.0
 
 
 @task(name="trial", cache_policy=NO_CACHE, task_run_name="{run_name}")
 def trial_task(parameters: dict[str, Any], run_name: str) -> dict[str, Any]:
-    """An in-process trial: the experiment flow's body, its tasks nested under this one.
+    """An in-process trial's replicate: the experiment flow's body, its tasks nested under
+    this one.
 
     A subflow per trial would cost about half a second of Prefect bookkeeping each (a flow
     run created, its states, its logs); a task named after the trial shows the same in the
@@ -56,14 +60,32 @@ def trial_task(parameters: dict[str, Any], run_name: str) -> dict[str, Any]:
 
 
 class Driver:
-    """One sweep process: asks, runs (here or on a pool), tells, and reports progress."""
+    """One sweep process: asks, runs (here or on a pool), tells, and reports progress.
 
-    def __init__(self, study: optuna.Study, spec: SweepSpec, parent_run_id: str, progress: bool):
+    Args:
+        study: The Optuna study.
+        spec: The sweep.
+        parent_run_id: The sweep's MLflow run.
+        progress: Progress bars in the trials.
+        folder: The sweep's artifacts folder (its trials' MLflow runs are recorded there).
+    """
+
+    def __init__(
+        self,
+        study: optuna.Study,
+        spec: SweepSpec,
+        parent_run_id: str,
+        progress: bool,
+        folder: Path,
+    ) -> None:
         self.study, self.spec = study, spec
         self.parent_run_id = parent_run_id
         self.progress = progress
+        self.folder = folder
         self.logger = get_run_logger()
         self.compute_s = 0.0
+        self.saved_s = 0.0
+        self.stopped_early = 0
         self.failures = 0
         self.skipped = 0
         self.heartbeats: Heartbeats | None = None
@@ -73,30 +95,29 @@ class Driver:
         return fail_stale(self.study, self.heartbeats.owned() if self.heartbeats else set())
 
     def counts(self) -> tuple[int, int]:
-        complete = len(trials_in(self.study, TrialState.COMPLETE))
-        running = len(trials_in(self.study, TrialState.RUNNING))
-        return complete, running
+        """Trials done (complete, or stopped early) and running."""
+        return len(trials_done(self.study)), len(trials_in(self.study, TrialState.RUNNING))
 
-    def next_trial(self, heartbeats: Heartbeats) -> tuple[optuna.Trial, ExperimentConfig] | None:
+    def next_trial(self, heartbeats: Heartbeats) -> TrialWork | None:
         """Ask for a new configuration; ``None`` when the study has enough trials under way."""
         while True:
-            complete, running = self.counts()
-            if complete + running >= self.spec.n_trials:
+            done, running = self.counts()
+            if done + running >= self.spec.n_trials:
                 return None
             with quiet_optuna():
                 trial = self.study.ask()
             heartbeats.own(trial._trial_id)
-            config = suggest(trial, self.spec)
-            complete, running = self.counts()
+            suggest(trial, self.spec)
+            done, _ = self.counts()
             earlier_running = [
                 t for t in trials_in(self.study, TrialState.RUNNING) if t.number < trial.number
             ]
-            if complete + len(earlier_running) >= self.spec.n_trials:
+            if done + len(earlier_running) >= self.spec.n_trials:
                 self._drop(trial, heartbeats, "surplus", "another driver took the last slot")
                 return None
             duplicate = duplicate_of(self.study, trial)
             if duplicate is None:
-                return trial, config
+                return self._work(trial)
             self._drop(trial, heartbeats, "duplicate_of", duplicate)
             self.skipped += 1
             if self.skipped > 10 * max(self.spec.n_trials, 10):
@@ -105,6 +126,32 @@ class Driver:
                     f"({self.skipped} skipped): the search space has nothing new left"
                 )
 
+    def _work(self, trial: optuna.Trial | FrozenTrial) -> TrialWork:
+        """The trial's replicates, and its MLflow run when it has more than one."""
+        replicates = self.spec.study.replicates
+        configs = [self.spec.trial_config(trial.params, r) for r in range(replicates)]
+        work = TrialWork(trial.number, trial._trial_id, dict(trial.params), configs)
+        if replicates > 1:
+            work.run = TrialRun.open(
+                self.spec,
+                self.parent_run_id,
+                trial.number,
+                self.run_name(work),
+                configs[0],
+                self.folder,
+                self.tags(trial.number),
+            )
+            for key, value in (
+                ("mlflow_run_id", work.run.run_id),
+                ("mlflow_run_url", work.run.url),
+            ):
+                self.study._storage.set_trial_user_attr(trial._trial_id, key, value)
+        return work
+
+    def resume_work(self, trial: FrozenTrial) -> TrialWork:
+        """A running trial of an earlier driver, to adopt (its MLflow run reopened)."""
+        return self._work(trial)
+
     def _drop(self, trial: optuna.Trial, heartbeats: Heartbeats, key: str, value: Any) -> None:
         trial.set_user_attr(key, value)
         self.study.tell(trial, state=TrialState.PRUNED)
@@ -112,36 +159,120 @@ class Driver:
         if key == "duplicate_of":
             self.logger.info("trial %d repeats trial %s: skipped", trial.number, value)
 
-    def parameters(self, number: int, params: dict, config: ExperimentConfig) -> dict:
+    def tags(self, number: int, replicate: int | None = None) -> dict[str, str]:
+        tags = {TRIAL_TAG: str(number), "sweep": self.spec.name}
+        return tags | ({"replicate": str(replicate)} if replicate is not None else {})
+
+    def run_name(self, work: TrialWork, replicate: int | None = None) -> str:
+        name = trial_run_name(work.number, work.params, work.configs[0].compression.method)
+        return name if replicate is None else f"{name} r{replicate}"
+
+    def parameters(self, work: TrialWork, replicate: int, heartbeat: bool) -> dict[str, Any]:
+        """The experiment flow's parameters for one replicate of a trial.
+
+        Args:
+            heartbeat: The replicate's run keeps the trial's heartbeat (a flow run on a
+                worker); in-process, the driver does.
+        """
+        with_replicates = work.run is not None
+        config: ExperimentConfig = work.configs[replicate]
         return {
             "config": config_to_dict(config),
             "artifacts_dir": self.spec.execution.artifacts_dir,
-            "parent_run_id": self.parent_run_id,
+            "parent_run_id": work.run.run_id if work.run is not None else self.parent_run_id,
             "progress": self.progress,
-            "tags": {TRIAL_TAG: str(number), "sweep": self.spec.name},
-            "run_name": trial_run_name(number, params, config.compression.method),
+            "tags": self.tags(work.number, replicate if with_replicates else None),
+            "run_name": self.run_name(work, replicate if with_replicates else None),
             "source": f"pwf sweep {self.spec.name}",
+            "trial": {
+                "storage": self.spec.study.portable_storage(),
+                "study": self.spec.name,
+                "number": work.number,
+                "heartbeat_s": self.spec.study.heartbeat_s,
+                "heartbeat": heartbeat,
+                "replicate": replicate,
+                "objectives": list(self.spec.study.objectives),
+                "rule": (
+                    self.spec.study.early_stopping.model_dump()
+                    if self.spec.study.early_stopping is not None
+                    else None
+                ),
+            },
         }
 
-    def record(self, number: int, result: dict[str, Any]) -> None:
-        metrics = result["metrics"]
-        self.compute_s += result.get("timing", {}).get("time/compute_s", 0.0)
-        tell(self.study, self.spec, number, result)
-        complete, _ = self.counts()
+    def finish(self, work: TrialWork) -> None:
+        """Tell Optuna what the trial's replicates add up to (or that it stopped early), and
+        close its MLflow run."""
+        results = work.finished_results()
+        self.compute_s += sum(r.get("timing", {}).get("time/compute_s", 0.0) for r in results)
+        summaries = summarise([r["metrics"] for r in results if not r.get("early_stopped")])
+        if work.stopped is not None:
+            self._stopped(work, results)
+        else:
+            attrs = objective_attrs(self.spec, summaries)
+            first = results[0]
+            tell(
+                self.study,
+                self.spec,
+                work.number,
+                {
+                    "metrics": {key: s.mean for key, s in summaries.items()},
+                    "mlflow_run_id": work.run.run_id if work.run else first.get("mlflow_run_id"),
+                    "mlflow_run_url": work.run.url if work.run else first.get("mlflow_run_url"),
+                    "pretrained_accuracy": first.get("pretrained_accuracy"),
+                    "run_name": self.run_name(work),
+                    "prefect_url": None if work.run else first.get("prefect_url"),
+                },
+                attrs,
+            )
+            done, _ = self.counts()
+            accuracy = summaries.get("cls/acc")
+            values = summaries.get("ws/unique_values")
+            self.logger.info(
+                "trial %d done (%d/%d): top-1 %s, %s unique values%s",
+                work.number,
+                done,
+                self.spec.n_trials,
+                "?" if accuracy is None else f"{100 * accuracy.mean:.2f} %",
+                "?" if values is None else f"{values.mean:.0f}",
+                f" (mean of {len(results)} replicates)" if len(results) > 1 else "",
+            )
+        if work.run is not None:
+            work.run.close(summaries, work.stopped)
+
+    def _stopped(self, work: TrialWork, results: list[dict[str, Any]]) -> None:
+        stopped = work.stopped or {}
+        saved = sum(r.get("early_stopped", {}).get("saved_s", 0.0) for r in results)
+        not_run = len(work.configs) - len(results)
+        if results and not_run:  # the replicates not run at all save a whole trial each
+            whole = [r.get("early_stopped", {}).get("whole_s", 0.0) for r in results]
+            saved += not_run * max(whole)
+        self.saved_s += saved
+        self.stopped_early += 1
+        last = next((r for r in results if r.get("early_stopped")), results[-1])
+        links = {
+            "mlflow_run_id": work.run.run_id if work.run else last.get("mlflow_run_id"),
+            "mlflow_run_url": work.run.url if work.run else last.get("mlflow_run_url"),
+            "run_name": f"{self.run_name(work)}: stopped after round {stopped.get('round')}",
+        }
+        prune(
+            self.study, self.spec, work.number, last["metrics"], stopped | {"saved_s": saved}, links
+        )
         self.logger.info(
-            "trial %d done (%d/%d complete): top-1 %.2f %%, %d unique values, MLflow run %s",
-            number,
-            complete,
-            self.spec.n_trials,
-            100 * metrics["cls/acc"],
-            metrics["ws/unique_values"],
-            result.get("mlflow_run_id"),
+            "trial %d stopped after round %s: beaten there by trials %s (about %.0f s of "
+            "compute saved)",
+            work.number,
+            stopped.get("round"),
+            ", ".join(map(str, stopped.get("by", []))) or "?",
+            saved,
         )
 
-    def fail(self, number: int, why: str) -> None:
+    def fail(self, number: int, why: str, work: TrialWork | None = None) -> None:
         self.logger.warning("trial %d failed: %s", number, why)
         with contextlib.suppress(UpdateFinishedTrialError):
             self.study.tell(number, state=TrialState.FAIL)
+        if work is not None and work.run is not None:
+            work.run.fail()
         self.failures += 1
         if self.failures > self.spec.n_trials:
             raise RuntimeError(f"more failed trials ({self.failures}) than trials asked for")
@@ -152,178 +283,65 @@ class Driver:
         if requeued:
             self.logger.info("trials %s lost their owner: failed and queued again", requeued)
             return True
-        complete, running = self.counts()
-        if complete >= self.spec.n_trials or (deadline is not None and time.time() > deadline):
+        done, running = self.counts()
+        if done >= self.spec.n_trials or (deadline is not None and time.time() > deadline):
             return False
         if running:
             time.sleep(POLL_SECONDS)
             return True
-        return complete < self.spec.n_trials
+        return done < self.spec.n_trials
 
     def run_in_process(self, deadline: float | None) -> None:
-        """Trials one after another in this process.
+        """Trials one after another in this process, each replicate after the other.
 
         A trial that meets an outage waits it out (the calls inside it retry), so no new
         settings are asked meanwhile. One that the outage outlasts, or that a Ctrl-C or SIGTERM
         stops, is queued again with the same parameters before the driver stops: the same
-        command later runs it first, and its experiment resumes from its checkpoints.
+        command later runs it first, and its experiments resume from their checkpoints.
         """
         with Heartbeats(self.study, self.spec.study.heartbeat_s) as heartbeats:
             self.heartbeats = heartbeats
             while deadline is None or time.time() < deadline:
                 self.fail_stale()
-                asked = self.next_trial(heartbeats)
-                if asked is None:
+                work = self.next_trial(heartbeats)
+                if work is None:
                     if not self.wait_for_others(deadline):
                         return
                     continue
-                trial, config = asked
-                complete, _ = self.counts()
+                done, _ = self.counts()
                 self.logger.info(
-                    "trial %d (%d/%d complete so far): %s",
-                    trial.number,
-                    complete,
+                    "trial %d (%d/%d done so far): %s",
+                    work.number,
+                    done,
                     self.spec.n_trials,
-                    trial.params,
+                    work.params,
                 )
                 try:
-                    parameters = self.parameters(trial.number, trial.params, config)
-                    result = trial_task(parameters, parameters["run_name"])
+                    self._run_replicates(work)
                 except BaseException as err:
-                    heartbeats.release(trial._trial_id)
+                    heartbeats.release(work.trial_id)
                     if isinstance(err, InfraUnavailable) or is_interrupt(err):
                         with contextlib.suppress(InfraUnavailable):
-                            requeue(self.study, trial.number)
+                            requeue(self.study, work.number)
                         raise
                     if not isinstance(err, Exception):
                         raise
-                    self.fail(trial.number, repr(err))  # recorded; the sweep goes on
+                    self.fail(work.number, repr(err), work)  # recorded; the sweep goes on
                     continue
-                heartbeats.release(trial._trial_id)
-                self.record(
-                    trial.number,
-                    {**result, "mlflow_run_id": result["run_id"], "mlflow_run_url": result["url"]},
-                )
+                heartbeats.release(work.trial_id)
+                self.finish(work)
 
-    def adoptable(self, client) -> dict[Any, FrozenTrial]:
-        """Running trials whose deployment run is still going (or finished while no driver
-        watched): adopt them instead of running them again."""
-        adopted = {}
-        for trial in trials_in(self.study, TrialState.RUNNING):
-            run_id = trial.user_attrs.get("prefect_flow_run_id")
-            if run_id is None:
-                continue
-            state = client.read_flow_run(run_id).state
-            if state is not None and (not state.is_final() or state.is_completed()):
-                adopted[run_id] = trial
-        return adopted
-
-    def trial_parameters(self, trial: optuna.Trial, config: ExperimentConfig) -> dict:
-        """A pool trial's flow-run parameters: the trial heartbeats itself while it runs."""
-        return self.parameters(trial.number, trial.params, config) | {
-            "trial": {
-                "storage": self.spec.study.portable_storage(),
-                "study": self.spec.name,
-                "number": trial.number,
-                "heartbeat_s": self.spec.study.heartbeat_s,
+    def _run_replicates(self, work: TrialWork) -> None:
+        for replicate in range(len(work.configs)):
+            parameters = self.parameters(work, replicate, heartbeat=False)
+            result = trial_task(parameters, parameters["run_name"])
+            work.results[replicate] = {
+                **result,
+                "mlflow_run_id": result["run_id"],
+                "mlflow_run_url": result["url"],
             }
-        }
-
-    def run_on_pool(self, deployment: str, deadline: float | None) -> None:
-        """Trials as deployment runs, up to ``max_parallel`` in flight.
-
-        The driver keeps a queued trial alive; once its flow run runs, the flow run does. A
-        trial that lost its owner (a killed worker) is failed and queued again by the stale
-        check, and its flow run is marked crashed in Prefect.
-        """
-        in_flight: dict[Any, int] = {}
-        storage = self.study._storage
-        with (
-            get_client(sync_client=True) as client,
-            Heartbeats(self.study, self.spec.study.heartbeat_s) as heartbeats,
-        ):
-            self.heartbeats = heartbeats
-            for run_id, trial in self.adoptable(client).items():
-                heartbeats.own(trial._trial_id)
-                in_flight[run_id] = trial.number
-                self.logger.info("trial %d: adopted its flow run %s", trial.number, run_id)
-            while True:
-                requeued = self.fail_stale()
-                if requeued:
-                    self.logger.info("trials %s lost their worker: queued again", requeued)
-                while len(in_flight) < self.spec.execution.max_parallel and (
-                    deadline is None or time.time() < deadline
-                ):
-                    asked = self.next_trial(heartbeats)
-                    if asked is None:
-                        break
-                    trial, config = asked
-                    params = self.trial_parameters(trial, config)
-                    run = run_deployment(
-                        deployment,
-                        parameters=params,
-                        flow_run_name=params["run_name"],
-                        timeout=0,
-                    )
-                    trial.set_user_attr("prefect_flow_run_id", str(run.id))
-                    in_flight[run.id] = trial.number
-                    self.logger.info(
-                        "trial %d submitted as flow run %s: %s", trial.number, run.id, trial.params
-                    )
-                if not in_flight:
-                    if not self.wait_for_others(deadline):
-                        return
-                    continue
-                time.sleep(POLL_SECONDS)
-                for run_id, number in list(in_flight.items()):
-                    trial_id = storage.get_trial_id_from_study_id_trial_number(
-                        self.study._study_id, number
-                    )
-                    state = client.read_flow_run(run_id).state
-                    if storage.get_trial(trial_id).state == TrialState.FAIL:
-                        del in_flight[run_id]
-                        heartbeats.release(trial_id)
-                        if state is not None and not state.is_final():
-                            client.set_flow_run_state(
-                                run_id,
-                                Crashed(message=f"trial {number} lost its worker's heartbeat"),
-                                force=True,
-                            )
-                        self.failures += 1
-                        continue
-                    if state is None or not state.is_final():
-                        if state is not None and state.is_running():
-                            heartbeats.release(trial_id)  # the flow run heartbeats now
-                        else:
-                            heartbeats.own(trial_id)
-                        continue
-                    del in_flight[run_id]
-                    heartbeats.release(trial_id)
-                    if state.is_completed():
-                        self.record(
-                            number, child_result(self.spec.name, self.parent_run_id, number)
-                        )
-                    else:
-                        self.fail(number, f"flow run {run_id} ended {state.type.value}")
-
-
-def child_result(experiment: str, parent_run_id: str, number: int) -> dict[str, Any]:
-    """Final metrics of trial ``number`` as its MLflow run logged them (trials run elsewhere)."""
-    client: MlflowClient = mlflow_client()
-    mine = f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{number}'"
-    runs = retried(
-        lambda: client.search_runs([experiment_id(client, experiment)], filter_string=mine),
-        "search runs",
-    )
-    if not runs:
-        raise RuntimeError(f"trial {number} left no MLflow run under {parent_run_id}")
-    logged = runs[0].data.metrics
-    return {
-        "metrics": {
-            k.removeprefix("final/"): v for k, v in logged.items() if k.startswith("final/")
-        },
-        "timing": {k: v for k, v in logged.items() if k.startswith("time/")},
-        "mlflow_run_id": runs[0].info.run_id,
-        "mlflow_run_url": run_url(runs[0].info.experiment_id, runs[0].info.run_id),
-        "pretrained_accuracy": logged.get("pretrain/test_acc"),
-    }
+            if result.get("early_stopped"):
+                work.stopped = self.study._storage.get_trial(work.trial_id).user_attrs.get(
+                    STOPPED_ATTR, result["early_stopped"]
+                )
+                return

@@ -19,17 +19,20 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from pwf_core._files import file_lock, write_text_atomic
+from pwf_core.errors import ConfigError
 from pwf_flows.environment import configure_environment
 from pwf_flows.infra import set_infra_timeout
+from pwf_flows.orphans import release, take_over_sweep
 from pwf_flows.sweep.driver import Driver
+from pwf_flows.sweep.notes import describe_sweep
+from pwf_flows.sweep.pool import PoolRunner
 from pwf_flows.sweep.report import method_label, report_sweep, trials_table
-from pwf_flows.sweep.spec import SweepSpec, dump_spec, load_sweep, masked_url
-from pwf_flows.sweep.study import TRIAL_TAG, open_study, trials_in
+from pwf_flows.sweep.spec import SweepSpec, dump_spec, load_sweep, masked_url, sweep_name
+from pwf_flows.sweep.study import TRIAL_TAG, open_study, trials_done, trials_in
 from pwf_flows.tracking import (
     RunTracker,
     experiment_id,
     find_run,
-    note,
     retried,
     tracked_run,
 )
@@ -37,7 +40,17 @@ from pwf_flows.tracking import client as mlflow_client
 
 
 def _run_name() -> str:
-    return f"sweep-{Path(str(flow_run.parameters.get('sweep', 'sweep'))).stem}"
+    """``sweep-<name>``: the study's name, as an override (``--set name=...``) or the file
+    gives it, which is also its MLflow experiment's."""
+    parameters = flow_run.parameters
+    path = Path(str(parameters.get("sweep", "sweep")))
+    name = (parameters.get("overrides") or {}).get("name")
+    if name is None:
+        try:
+            name = sweep_name(path)
+        except ConfigError:
+            name = path.stem
+    return f"sweep-{name}"
 
 
 @flow(name="pwf", flow_run_name=_run_name, log_prints=True)
@@ -72,6 +85,24 @@ def pwf(
         spec.n_trials,
     )
     folder = Path(spec.execution.artifacts_dir).resolve() / "sweeps" / spec.name
+    record, crashed = take_over_sweep(folder)
+    if crashed:
+        logger.info("marked CRASHED what a killed driver left running: %s", crashed)
+    try:
+        return _sweep(spec, study, folder, trial_deployment, progress)
+    finally:
+        release(record)
+
+
+def _sweep(
+    spec: SweepSpec,
+    study: optuna.Study,
+    folder: Path,
+    trial_deployment: str | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """The sweep's body: its parent run, the trials, the report."""
+    logger = get_run_logger()
     run_name = f"sweep-{spec.name}"
     tags = {"kind": "sweep", "sampler": spec.sampler, "optuna.study": spec.name}
     parent_id = _parent_run(study, spec, folder, run_name, tags)
@@ -92,14 +123,17 @@ def pwf(
     with tracked_run(spec.name, run_name, tags, resume_run_id=parent_id) as parent:
         _start_parent(parent, study, spec, folder)
         earlier = parent.logged_metrics()
-        driver = Driver(study, spec, parent.run_id, progress)
+        driver = Driver(study, spec, parent.run_id, progress, folder)
         if trial_deployment:
-            driver.run_on_pool(trial_deployment, deadline)
+            PoolRunner(driver, trial_deployment).run(deadline)
         else:
             driver.run_in_process(deadline)
-        table = report_sweep(study, spec, parent, folder)
-        timing = _timing(earlier, time.perf_counter() - started, driver.compute_s)
-        parent.log_metrics(timing)
+        with file_lock(folder / ".parent.lock"):  # drivers sharing the study log in turn
+            table = report_sweep(study, spec, parent, folder)
+            runs = [] if table.empty else table["mlflow_run_id"].dropna().tolist()
+            describe_sweep(parent, study, spec, _about(spec), runs)  # now with the comparison
+            timing = _timing(earlier, time.perf_counter() - started, driver)
+            parent.log_latest(timing)  # totals over every session that worked on the sweep
     logger.info(
         "sweep %s: %d complete trials, Pareto front:\n%s",
         spec.name,
@@ -135,12 +169,8 @@ def _start_parent(parent: RunTracker, study: optuna.Study, spec: SweepSpec, fold
             "sweep.base": spec.base.name,
         }
     )
-    about = (
-        f"sweep {spec.name}: {spec.n_trials} trials of {method_label(spec)} on "
-        f"{spec.base.name} ({spec.sampler}); Optuna study '{spec.name}'"
-    )
-    links = {"Prefect flow run": flow_run.ui_url, "the trials compared": _report_link(parent)}
-    parent.set_tags({"mlflow.note.content": note(about, links)})
+    with file_lock(folder / ".parent.lock"):  # drivers sharing the study write its note in turn
+        describe_sweep(parent, study, spec, _about(spec))
     closed = close_orphaned_runs(study, spec.name, parent.run_id)
     if closed:
         get_run_logger().info("closed MLflow runs left RUNNING by a stopped driver: %s", closed)
@@ -148,19 +178,24 @@ def _start_parent(parent: RunTracker, study: optuna.Study, spec: SweepSpec, fold
     parent.log_artifact(folder / "sweep.yaml")
 
 
-def _report_link(parent: RunTracker) -> str:
-    """Where MLflow shows the sweep's report (an HTML artifact of its parent run)."""
-    return f"{parent.url}/artifacts/report/report.html"
+def _about(spec: SweepSpec) -> str:
+    return (
+        f"sweep {spec.name}: {spec.n_trials} trials of {method_label(spec)} on "
+        f"{spec.base.name} ({spec.sampler}); Optuna study '{spec.name}'"
+    )
 
 
-def _timing(earlier: dict[str, float], wall_s: float, compute_s: float) -> dict[str, float]:
-    """The sweep's timings over every session that worked on it (a continued sweep adds)."""
+def _timing(earlier: dict[str, float], wall_s: float, driver: Driver) -> dict[str, float]:
+    """The sweep's timings over every session that worked on it (a continued sweep adds), and
+    what early stopping saved (an estimate: the stopped trials' remaining rounds)."""
     wall = earlier.get("sweep/wall_s", 0.0) + wall_s
-    compute = earlier.get("sweep/compute_s", 0.0) + compute_s
+    compute = earlier.get("sweep/compute_s", 0.0) + driver.compute_s
     return {
         "sweep/wall_s": wall,
         "sweep/compute_s": compute,
         "sweep/orchestration_s": wall - compute,
+        "sweep/early_stopped": earlier.get("sweep/early_stopped", 0.0) + driver.stopped_early,
+        "sweep/saved_s": earlier.get("sweep/saved_s", 0.0) + driver.saved_s,
     }
 
 
@@ -181,11 +216,14 @@ def _sweep_result(
 def _finished_sweep(study: optuna.Study, spec: SweepSpec, parent_id: str) -> dict | None:
     """The result of a sweep that is done and reported, else ``None``.
 
-    Done: ``n_trials`` complete trials, none running, and a FINISHED parent run whose report
-    counted them all. Such a sweep is left as it is, timings and links included.
+    Done: ``n_trials`` trials done (complete, or stopped early), none running, and a FINISHED
+    parent run whose report counted the complete ones. Such a sweep is left as it is, timings
+    and links included.
     """
     complete = trials_in(study, TrialState.COMPLETE)
-    if len(complete) < spec.n_trials or trials_in(study, TrialState.RUNNING, TrialState.WAITING):
+    if len(trials_done(study)) < spec.n_trials or trials_in(
+        study, TrialState.RUNNING, TrialState.WAITING
+    ):
         return None
     parent = find_run(spec.name, parent_id)
     if parent is None or parent.info.status != "FINISHED":
@@ -194,7 +232,8 @@ def _finished_sweep(study: optuna.Study, spec: SweepSpec, parent_id: str) -> dic
     if metrics.get("sweep/complete_trials") != float(len(complete)):
         return None
     tracker = RunTracker.reopened(spec.name, parent_id)
-    timing = {k: v for k, v in metrics.items() if k in ("sweep/wall_s", "sweep/compute_s")}
+    kept = ("sweep/wall_s", "sweep/compute_s", "sweep/early_stopped", "sweep/saved_s")
+    timing = {k: v for k, v in metrics.items() if k in kept}
     timing["sweep/orchestration_s"] = timing.get("sweep/wall_s", 0.0) - timing.get(
         "sweep/compute_s", 0.0
     )
@@ -204,13 +243,14 @@ def _finished_sweep(study: optuna.Study, spec: SweepSpec, parent_id: str) -> dic
 
 
 def close_orphaned_runs(study: optuna.Study, experiment: str, parent_run_id: str) -> list[str]:
-    """End the trial runs a stopped driver left RUNNING (FINISHED if their trial completed).
+    """End the trial runs a stopped driver left RUNNING (FINISHED if their trial completed),
+    replicates' runs under a trial's run included.
 
-    A trial that is still running (this study's heartbeats say so) keeps its run; a trial that
-    is queued again reopens its run when it runs, whatever its status now.
+    A trial that is still running (this study's heartbeats say so) keeps its runs; a trial
+    that is queued again reopens its runs when it runs, whatever their status now.
     """
     client = mlflow_client()
-    running = f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    running = f"tags.sweep = '{experiment}' and attributes.status = 'RUNNING'"
     runs = retried(
         lambda: client.search_runs([experiment_id(client, experiment)], filter_string=running),
         "search runs",
@@ -218,11 +258,13 @@ def close_orphaned_runs(study: optuna.Study, experiment: str, parent_run_id: str
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     closed = []
     for run in runs:
+        if run.info.run_id == parent_run_id:
+            continue
         number = run.data.tags.get(TRIAL_TAG)
         state = states.get(int(number)) if number is not None and number.isdigit() else None
         if state == TrialState.RUNNING:
             continue
-        status = "FINISHED" if state == TrialState.COMPLETE else "FAILED"
+        status = "FINISHED" if state in (TrialState.COMPLETE, TrialState.PRUNED) else "FAILED"
         RunTracker(run.info.run_id, run.info.experiment_id, client).finish(status)
         closed.append(run.info.run_id)
     return closed

@@ -17,10 +17,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from pwf_core._files import atomic_path
+from pwf_core.errors import ConfigError
 from pwf_flows.plots import bar_chart, pareto_front
 from pwf_flows.report import Selection, build_report, write_report
 from pwf_flows.report.table import FIELDS
-from pwf_flows.sweep.spec import OBJECTIVES, SweepSpec
+from pwf_flows.sweep.early_stopping import Rule, replay
+from pwf_flows.sweep.spec import OBJECTIVES, EarlyStoppingSpec, SweepSpec, masked_url
 from pwf_flows.sweep.study import REPORTED, trials_in
 from pwf_flows.tracking import RunTracker
 
@@ -152,7 +154,7 @@ def report_sweep(
             "importance (PED-ANOVA, normalised)",
         )
         parent.log_artifact(path, "plots")
-    parent.log_metrics(summary)
+    parent.log_latest(summary)  # a continued sweep's summary at a step of its own
     if not table.empty:
         publish_comparison(spec, parent, folder)
     return table
@@ -162,7 +164,12 @@ def publish_comparison(spec: SweepSpec, parent: RunTracker, folder: Path) -> Non
     """The sweep's trials compared (``pwf report`` of the sweep) on its parent MLflow run, and
     its table and front as artifacts of the sweep's Prefect flow run."""
     report = build_report(
-        parent.client, Selection(sweep=spec.name), f"{spec.name}: the trials compared", "MLflow"
+        parent.client,
+        Selection(sweep=spec.name),
+        f"{spec.name}: the trials compared",
+        "MLflow",
+        reference=spec.report.reference,
+        budgets=spec.report.budgets,
     )
     for path in write_report(report, folder / "report").values():
         parent.log_artifact(path, "report")
@@ -196,3 +203,39 @@ def pareto_report(spec: SweepSpec) -> pd.DataFrame | None:
     except KeyError:
         return None
     return trials_table(study)
+
+
+def replay_report(spec: SweepSpec) -> str:
+    """What the sweep's early-stopping rule (or the default rule, when the sweep has none)
+    would have done to the study as it was recorded, in a few lines.
+
+    Raises:
+        ConfigError: when the study does not exist yet.
+    """
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=spec.name, storage=spec.study.resolved_storage())
+    except KeyError:
+        raise ConfigError(
+            f"no study '{spec.name}' in {masked_url(spec.study.resolved_storage())} yet"
+        ) from None
+    rules = spec.study.early_stopping or EarlyStoppingSpec()
+    result = replay(study, Rule(rules, list(spec.study.objectives)))
+    which = "the sweep's rule" if spec.study.early_stopping else "the default rule"
+    lines = [
+        f"study '{spec.name}': {which} (from round {rules.from_round}, beaten by at least "
+        f"{rules.min_dominating} completed trials, margins {rules.margins or 'none'}) replayed "
+        f"on {result.replayed} complete trials with recorded rounds"
+    ]
+    for number, (round_, by) in sorted(result.stopped.items()):
+        lines.append(f"  trial {number}: stopped after round {round_}, beaten by trials {list(by)}")
+    lines.append(
+        f"  compute: {result.compute_s:.0f} s recorded, {result.saved_s:.0f} s saved "
+        f"({100 * result.saved_share:.0f} %); "
+        + (
+            f"Pareto-optimal trials lost: {result.lost_pareto}"
+            if result.lost_pareto
+            else "no Pareto-optimal trial lost"
+        )
+    )
+    return "\n".join(lines)

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from pwf_core._files import sqlite_file_problem
 from pwf_core.config import (
     ConfigError,
     ExperimentConfig,
@@ -43,19 +44,39 @@ from pwf_core.config import (
 
 
 class Objective(NamedTuple):
-    """An objective: the final metric it reads, its direction, and its name in the UIs."""
+    """An objective: the final metric it reads, its direction, its name in the UIs, and what
+    a step reports of it while the run goes on (a fixing round's codebook so far, where the
+    final count of all values would still count the free weights)."""
 
     metric: str
     direction: str
     label: str
+    progress: tuple[str, ...]
+
+    def at_step(self, metrics: dict[str, float]) -> float | None:
+        """The objective's value in a step's metrics, the first of its progress keys a step
+        records (``None`` when it records none)."""
+        for key in self.progress:
+            if key in metrics:
+                return float(metrics[key])
+        return None
 
 
 OBJECTIVES = {
-    "accuracy": Objective("cls/acc", "maximize", "top-1"),
-    "unique_values": Objective("ws/unique_values", "minimize", "unique values"),
-    "nll": Objective("cls/nll", "minimize", "NLL"),
-    "ece": Objective("cal/ece", "minimize", "ECE"),
-    "entropy_bits": Objective("ws/entropy_bits", "minimize", "weight entropy (bits)"),
+    "accuracy": Objective("cls/acc", "maximize", "top-1", ("cls/acc",)),
+    # Mid-run, the values the weights would take if fixed now to their nearest centres; the
+    # codebook so far (early rounds fix the small weights, most to 0) where a method cannot say.
+    "unique_values": Objective(
+        "ws/unique_values",
+        "minimize",
+        "unique values",
+        ("ws/projected_values", "ws/unique_fixed_values", "ws/unique_values"),
+    ),
+    "nll": Objective("cls/nll", "minimize", "NLL", ("cls/nll",)),
+    "ece": Objective("cal/ece", "minimize", "ECE", ("cal/ece",)),
+    "entropy_bits": Objective(
+        "ws/entropy_bits", "minimize", "weight entropy (bits)", ("ws/entropy_bits",)
+    ),
 }
 STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
 
@@ -66,6 +87,19 @@ def masked_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except ArgumentError:
         return url
+
+
+# A database that accepts a connection and never answers must not hold a command for minutes:
+# every connection attempt gives up after this long (psycopg and PyMySQL read it).
+CONNECT_TIMEOUT_S = 10
+
+
+def connect_args(url: str, timeout_s: float = CONNECT_TIMEOUT_S) -> dict[str, Any]:
+    """The DBAPI connection arguments for a study database at ``url``: a bounded connection
+    attempt (a SQLite file instead waits up to a minute for another writer's lock)."""
+    if url.startswith("sqlite"):
+        return {"timeout": 60}
+    return {"connect_timeout": max(1, math.ceil(timeout_s))}
 
 
 def expand_storage(url: str) -> str:
@@ -157,6 +191,39 @@ class Dimension(_Strict):
         return [low + i * self.step for i in range(count)]
 
 
+class EarlyStoppingSpec(_Strict):
+    """Stop a trial that, part way, is already beaten: after round ``from_round`` (each epoch
+    for 2DGBNN), a trial's point (its objectives at that round, the mean of its replicates)
+    is compared with the same round's points of the completed trials of as many rounds; it is
+    stopped when at least ``min_dominating`` of them dominate it beyond the margins. Optuna has
+    no pruning for several objectives, so this is pwf's own rule
+    (:mod:`pwf_flows.sweep.early_stopping`).
+
+    Args:
+        from_round: The first round (1-based) at which a trial can be stopped.
+        min_dominating: Completed trials that must dominate the point.
+        margins: By how much a completed trial must be better in each objective, in the
+            objective's units (``accuracy: 0.005`` is half a point of top-1); an objective
+            not named need only be no worse (and one of them strictly better).
+    """
+
+    from_round: int = Field(2, ge=1)
+    min_dominating: int = Field(2, ge=1)
+    margins: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("margins")
+    @classmethod
+    def _known(cls, margins: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(margins) - set(OBJECTIVES))
+        if unknown:
+            raise ValueError(
+                f"margins of unknown objectives {unknown}; known: {sorted(OBJECTIVES)}"
+            )
+        if any(value < 0 or not math.isfinite(value) for value in margins.values()):
+            raise ValueError("margins must be finite and not negative")
+        return margins
+
+
 class StudySpec(_Strict):
     """The Optuna study.
 
@@ -173,6 +240,12 @@ class StudySpec(_Strict):
             the password as ``${VAR}`` from the environment rather than written in the file.
         heartbeat_s: Seconds between heartbeats of running trials; a trial silent for three
             of them has lost its process and is retried.
+        replicates: Runs of every trial configuration under as many seeds (see
+            :class:`~pwf_core.config.schema.ReplicateConfig`); Optuna is told their mean, and
+            their std, n and 95 % interval are the trial's attributes.
+        replicate_reseeds: ``compression`` (one pretrained model shared by every replicate and
+            method: paired comparisons) or ``all`` (each replicate pretrains its own).
+        early_stopping: Stop trials that are already beaten part way (off when absent).
     """
 
     objectives: list[Literal["accuracy", "unique_values", "nll", "ece", "entropy_bits"]] = [
@@ -185,6 +258,9 @@ class StudySpec(_Strict):
     timeout_s: float | None = Field(None, gt=0)
     storage: str = "sqlite:///optuna.db"
     heartbeat_s: int = Field(10, ge=1, le=3600)
+    replicates: int = Field(1, ge=1, le=100)
+    replicate_reseeds: Literal["compression", "all"] = "compression"
+    early_stopping: EarlyStoppingSpec | None = None
 
     @field_validator("objectives")
     @classmethod
@@ -206,10 +282,21 @@ class StudySpec(_Strict):
         if parsed.get_backend_name() == "sqlite":
             if not parsed.database:
                 raise ValueError(f"sqlite storage '{shown}' names no file")
-            folder = Path(parsed.database).expanduser().resolve().parent
-            if not folder.is_dir():
-                raise ValueError(f"folder '{folder}' of sqlite storage '{shown}' does not exist")
+            problem = sqlite_file_problem(Path(parsed.database).expanduser().resolve())
+            if problem is not None:
+                raise ValueError(f"sqlite storage '{shown}': {problem}")
         return url
+
+    @model_validator(mode="after")
+    def _margins_of_objectives(self) -> StudySpec:
+        if self.early_stopping is not None:
+            extra = sorted(set(self.early_stopping.margins) - set(self.objectives))
+            if extra:
+                raise ValueError(
+                    f"early_stopping.margins names {extra}, which are not this study's "
+                    f"objectives {self.objectives}"
+                )
+        return self
 
     @property
     def directions(self) -> list[str]:
@@ -255,8 +342,30 @@ class ExecutionSpec(_Strict):
     infra_timeout_s: float | None = Field(None, gt=0)
 
 
+class ReportSpec(_Strict):
+    """How the sweep's report compares its trials (``pwf report --sweep`` takes the same).
+
+    Args:
+        reference: The method the others are compared with, paired on their shared seeds
+            (default: the first method in the report's order).
+        budgets: The counts of unique values at which the methods are compared ("top-1 at
+            <= K unique values").
+    """
+
+    reference: str | None = None
+    budgets: list[int] = Field(default_factory=lambda: [8, 16, 32, 64])
+
+    @field_validator("budgets")
+    @classmethod
+    def _positive(cls, budgets: list[int]) -> list[int]:
+        if not budgets or any(k < 1 for k in budgets):
+            raise ValueError("budgets must be a non-empty list of counts of at least 1")
+        return sorted(set(budgets))
+
+
 class SweepSpec(_Strict):
-    """A validated sweep: base config, fixed overrides, search space, study, execution."""
+    """A validated sweep: base config, fixed overrides, search space, study, execution and
+    how its report compares the trials."""
 
     name: str
     base: Path
@@ -270,6 +379,7 @@ class SweepSpec(_Strict):
     space: dict[str, Dimension]
     study: StudySpec = StudySpec()
     execution: ExecutionSpec = ExecutionSpec()
+    report: ReportSpec = ReportSpec()
 
     @field_validator("space")
     @classmethod
@@ -292,9 +402,11 @@ class SweepSpec(_Strict):
         """The outage budget of the driver and its trials."""
         return parse_config(self.base_values()).execution.infra_timeout_s
 
-    def trial_config(self, params: dict[str, Any]) -> ExperimentConfig:
-        """The experiment config of a trial from Optuna's suggested ``params``."""
+    def trial_config(self, params: dict[str, Any], replicate: int = 0) -> ExperimentConfig:
+        """The experiment config of a trial from Optuna's suggested ``params`` (of one of its
+        replicates)."""
         chosen = {key: self.space[key].value_of(value) for key, value in params.items()}
+        chosen["replicate"] = {"index": replicate, "reseeds": self.study.replicate_reseeds}
         return parse_config(apply_overrides(self.base_values(), chosen))
 
     def grid(self) -> dict[str, list[Any]]:
@@ -336,8 +448,24 @@ class SweepSpec(_Strict):
                 self.grid()
             except ValueError as err:
                 problems.append(f"  space: {err}")
+        reference = self.report.reference
+        if reference is not None and reference not in self.methods():
+            problems.append(
+                f"  report.reference: '{reference}' is not a method this sweep runs "
+                f"({', '.join(sorted(self.methods()))})"
+            )
         if problems:
             raise ConfigError("invalid sweep space:\n" + "\n".join(problems))
+
+    def methods(self) -> set[str]:
+        """The methods the sweep's trials can run: the base config's and the space's."""
+        found = {parse_config(self.base_values()).compression.method}
+        for key, dim in self.space.items():
+            if key == "compression.method":
+                found |= {str(v) for v in dim.probe_values()}
+            elif key == "compression":
+                found |= {v["method"] for v in dim.probe_values() if isinstance(v, dict)}
+        return found
 
 
 def _format(err: ValidationError, path: Path) -> str:

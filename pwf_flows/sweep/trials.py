@@ -33,7 +33,7 @@ from pwf_flows.infra import (
     is_transient,
     retry_transient,
 )
-from pwf_flows.sweep.spec import expand_storage, masked_url
+from pwf_flows.sweep.spec import connect_args, expand_storage, masked_url
 from pwf_flows.tracking import sqlite_creation_lock
 
 MAX_RETRIES = 3
@@ -137,10 +137,9 @@ def storage_for(url: str, heartbeat_s: int) -> RetryingStorage:
     Raises:
         StudyStorageUnavailable: when the database stays unreachable past the outage budget.
     """
-    if url.startswith("sqlite"):
-        engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
-    else:  # a connection the server dropped (a restart) is replaced, not handed out broken
-        engine_kwargs = {"pool_pre_ping": True}
+    engine_kwargs: dict[str, Any] = {"connect_args": connect_args(url)}
+    if not url.startswith("sqlite"):  # a connection the server dropped (a restart) is
+        engine_kwargs["pool_pre_ping"] = True  # replaced, not handed out broken
 
     def connect() -> RetryingStorage:
         with sqlite_creation_lock(url), quiet_optuna():
@@ -257,13 +256,15 @@ def owned_trial(trial: dict[str, Any] | None) -> Iterator[bool]:
     """Heartbeat a sweep's trial from the flow run that computes it.
 
     Args:
-        trial: ``{"storage": url, "study": name, "number": n, "heartbeat_s": s}`` as the driver
-            passed it (the URL may hold ``${VAR}`` references, filled in here), or ``None``.
+        trial: ``{"storage": url, "study": name, "number": n, "heartbeat_s": s, "heartbeat":
+            bool}`` as the driver passed it (the URL may hold ``${VAR}`` references, filled in
+            here), or ``None``. With ``heartbeat`` false (an in-process trial) the driver
+            keeps the heartbeat.
 
     Yields:
         Whether the trial is still running, i.e. whether to compute it at all.
     """
-    if trial is None:
+    if trial is None or not trial.get("heartbeat", True):
         yield True
         return
     storage = storage_for(expand_storage(trial["storage"]), int(trial["heartbeat_s"]))

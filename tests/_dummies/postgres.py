@@ -75,8 +75,9 @@ def postgres_server() -> Iterator[Postgres]:
         user = SYSTEM_USER
         try:
             pwd.getpwnam(user)
-        except KeyError:
-            subprocess.run(["useradd", "--system", "--no-create-home", user], check=True)
+        except KeyError:  # another test process may be creating it at this moment
+            subprocess.run(["useradd", "--system", "--no-create-home", user], check=False)
+            pwd.getpwnam(user)
     root = Path(tempfile.mkdtemp(prefix="pwf-postgres-"))
     root.chmod(0o755)
     data, password_file, log = root / "data", root / "password", root / "server.log"

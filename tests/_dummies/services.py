@@ -13,12 +13,14 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,8 +42,10 @@ __all__ = [
     "prefect_server_argv",
     "request",
     "rest",
+    "silent_listener",
     "temporary_server",
     "wait_until",
+    "with_default_signals",
 ]
 
 VENV_BIN = Path(sys.executable).parent
@@ -53,6 +57,52 @@ QUIET_ENV = {
 # A Prefect worker ignores one SIGTERM; the first SIGINT starts its shutdown, the second ends it.
 WORKER_INTERRUPTS = 2
 FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
+# A command started from a script in the background (``cmd &``) inherits SIGINT ignored, as
+# POSIX prescribes, and an ignored signal stays ignored through exec: a test that signals a
+# child sets the child's dispositions itself rather than depend on how pytest was started.
+_DEFAULT_SIGNALS = """import os, signal, sys
+for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+    signal.signal(number, signal.SIG_DFL)
+signal.pthread_sigmask(signal.SIG_SETMASK, ())
+os.execvp(sys.argv[1], sys.argv[1:])
+"""
+
+
+def with_default_signals(argv: list[str]) -> list[str]:
+    """``argv`` run with SIGINT, SIGTERM, SIGHUP and SIGQUIT at their defaults and none
+    blocked, whatever this process ignores (the command replaces the launcher: same pid).
+
+    Args:
+        argv: The command.
+    """
+    return [sys.executable, "-c", _DEFAULT_SIGNALS, *argv]
+
+
+@contextlib.contextmanager
+def silent_listener() -> Iterator[int]:
+    """A port on 127.0.0.1 that accepts every connection and never says a word: a server that
+    hangs (stopped, overloaded, behind a black-holing proxy). Yields the port.
+    """
+    server = socket.create_server(("127.0.0.1", 0), backlog=64)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError, OSError):
+                held.append(server.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        for connection in held:
+            connection.close()
+        server.close()
 
 
 def request(
@@ -239,7 +289,7 @@ class Services:
         log = self.workdir / f"{name}.log"
         with log.open("a") as handle:
             process = subprocess.Popen(
-                argv,
+                with_default_signals(argv),
                 cwd=cwd or self.workdir,
                 env={**self.env, **env},
                 stdout=handle,

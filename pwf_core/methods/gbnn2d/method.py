@@ -101,8 +101,10 @@ class TwoDGBNN(Method):
 
     config_class = TwoDGBNNConfig
     bayesian = True
+    stochastic_final = True
     converted: ClassVar[tuple[str, ...]] = ("weight",)
     size_knob = "compression.gaussians (K before merging) and compression.tau_d (merging)"
+    size_knob_fields = ("gaussians", "tau_d")
     table_columns: ClassVar[tuple[Column, ...]] = (GAUSSIANS, OUTLIERS, TOP1, ECE)
     config: TwoDGBNNConfig
 
@@ -112,6 +114,7 @@ class TwoDGBNN(Method):
         self.grad_magnitude: torch.Tensor | None = None
         self.meanfield: dict[str, float] = {}
         self.tau_w: float | None = None  # the magnitude threshold used; None before the mixture
+        self.clusters: int | None = None  # K that k-means used (gaussians: auto resolved)
 
     # -- plan and state ---------------------------------------------------------------------
 
@@ -138,6 +141,8 @@ class TwoDGBNN(Method):
             state["grad_magnitude"] = self.grad_magnitude
         if self.tau_w is not None:  # float64: the metric shows the threshold that was used
             state["tau_w"] = torch.tensor(self.tau_w, dtype=torch.float64)
+        if self.clusters is not None:
+            state["clusters"] = torch.tensor(self.clusters)
         return state
 
     def state_bytes(self, num_converted: int) -> int:
@@ -149,6 +154,7 @@ class TwoDGBNN(Method):
         self.prior_mu = state.get("prior_mu")
         self.grad_magnitude = state.get("grad_magnitude")
         self.tau_w = float(state["tau_w"]) if "tau_w" in state else None
+        self.clusters = int(state["clusters"]) if "clusters" in state else None
         self.meanfield = {
             k.removeprefix("meanfield."): float(v) for k, v in state.items() if "meanfield." in k
         }
@@ -254,6 +260,7 @@ class TwoDGBNN(Method):
             outlier |= magnitude >= threshold
         inliers = (~outlier).nonzero().squeeze(1)
         clusters = self.number_of_gaussians(count, len(inliers))
+        self.clusters = clusters
         _, labels = kmeans_2d(points[inliers], clusters)
         sizes = torch.bincount(labels, minlength=clusters)
         kept = sizes > cfg.min_cluster_size
@@ -325,6 +332,10 @@ class TwoDGBNN(Method):
         if sharing_of(model) is None:
             return []
         return [Figure("mixture", "gaussian_mixture", mixture_snapshot(model, seed=seed))]
+
+    def size_knobs(self) -> dict[str, str]:
+        knobs = super().size_knobs()
+        return knobs | ({"gaussians": str(self.clusters)} if self.clusters is not None else {})
 
     def finalize(self, model: nn.Module, ctx: StepContext) -> dict[str, float]:
         """The stochastic model's metrics (``eval_samples`` averaged logits: the headline

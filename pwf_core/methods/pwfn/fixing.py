@@ -373,6 +373,7 @@ class PWFN(FixingMethod):
         "compression.b (smallest power of two 2^-b: lower b, fewer values) and "
         "compression.max_order"
     )
+    size_knob_fields = ("b", "max_order")
     config: PWFNConfig
 
     def __init__(self, config: PWFNConfig) -> None:
@@ -391,12 +392,23 @@ class PWFN(FixingMethod):
     def step_metrics(self) -> dict[str, float]:
         return {"pwfn/b": float(self.b)} if self.b is not None else {}
 
+    def size_knobs(self) -> dict[str, str]:
+        knobs = super().size_knobs()
+        return knobs | ({"b": str(self.b)} if self.b is not None else {})
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"b": torch.tensor(self.b)} if self.b is not None else {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if "b" in state:
             self.b = int(state["b"])
+
+    def projection_centres(self, weights: FlatWeights) -> torch.Tensor | None:
+        free = weights.mu[~weights.fixed]
+        if self.b is None or not len(free):
+            return None
+        book = pow2_codebook(self.b, float(free.abs().max()), self.config.max_order)
+        return book.tensor(weights.mu.device)
 
     def fix(self, weights: FlatWeights, target_fixed: int, round_index: int) -> pd.DataFrame:
         assert self.b is not None, "initialise() resolves b: auto before the first round"
