@@ -21,7 +21,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from scipy import stats
 
 from pwf_core._files import atomic_path
 from pwf_core.methods import Figure
@@ -189,51 +192,82 @@ def draw_figure(figure: Figure, path: Path, title: str) -> Path:
     return FIGURE_KINDS[figure.kind](figure.data, path, title)
 
 
+# A bin of fewer test samples has a resolution coarser than 10 points: drawn faded, no gap.
+SPARSE_BIN = 10
+
+
 def draw_reliability(ax: Axes, bins: dict[str, list[float]], title: str) -> None:
-    """Accuracy against confidence per bin, the gap to the diagonal hatched, and each bin's
-    sample count over its bar (a bin of three samples is not a calibration failure)."""
+    """Accuracy per confidence bin with its 95 % binomial interval (Clopper-Pearson); bins of
+    fewer than :data:`SPARSE_BIN` samples faded, without a gap drawn (too few to show
+    miscalibration); every bin's count written over it, the legend below the axes."""
     width = bins["upper"][0] - bins["lower"][0]
-    filled = [i for i, n in enumerate(bins["count"]) if n > 0]
-    total = sum(bins["count"]) or 1
-    left = [bins["lower"][i] for i in filled]
-    accuracy = [bins["accuracy"][i] for i in filled]
-    ax.bar(left, accuracy, width=width, align="edge", edgecolor="C0", alpha=0.7, label="accuracy")
-    ax.bar(
-        left,
-        [bins["confidence"][i] - bins["accuracy"][i] for i in filled],
-        bottom=accuracy,
-        width=width,
-        align="edge",
-        fill=False,
-        hatch="//",
-        edgecolor="C3",
-        label="gap to confidence",
-    )
-    for i in filled:
-        top = max(bins["accuracy"][i], bins["confidence"][i])
-        share = bins["count"][i] / total
+    for i, count in enumerate(bins["count"]):
+        if count <= 0:
+            continue
+        left, accuracy, confidence = bins["lower"][i], bins["accuracy"][i], bins["confidence"][i]
+        sparse = count < SPARSE_BIN
+        ax.bar(
+            left,
+            accuracy,
+            width=width,
+            align="edge",
+            color="C0",
+            edgecolor="C0",
+            alpha=0.18 if sparse else 0.7,
+        )
+        if not sparse:
+            ax.bar(
+                left,
+                confidence - accuracy,
+                bottom=accuracy,
+                width=width,
+                align="edge",
+                fill=False,
+                hatch="//",
+                edgecolor="C3",
+                lw=0.5,
+            )
+        interval = stats.binomtest(round(accuracy * count), int(count)).proportion_ci(0.95)
+        centre = left + width / 2
+        ax.plot([centre, centre], [interval.low, interval.high], color="0.25", lw=0.8)
         ax.text(
-            bins["lower"][i] + width / 2,
-            min(top + 0.02, 0.97),
-            f"{int(bins['count'][i])}",
+            centre,
+            min(max(accuracy, confidence, interval.high) + 0.015, 1.02),
+            f"{int(count)}",
             ha="center",
-            fontsize=6,
-            color="0.2" if share >= 0.01 else "0.55",
+            va="bottom",
+            fontsize=7.5,
+            color="0.45" if sparse else "0.1",
+            rotation=90 if count >= 1000 else 0,
         )
     ax.plot([0, 1], [0, 1], ls="--", color="0.3", lw=1)
     ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence (numbers: samples per bin)")
+    ax.set_ylim(0, 1.12)
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    ax.set_xlabel("confidence (numbers: test samples per bin)")
     ax.set_ylabel("accuracy")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="upper left")
+    handles = [
+        Patch(color="C0", alpha=0.7, label="accuracy"),
+        Patch(color="C0", alpha=0.18, label=f"< {SPARSE_BIN} samples"),
+        Patch(fill=False, hatch="//", edgecolor="C3", label="gap to confidence"),
+        Line2D([], [], color="0.25", lw=0.8, label="95 % interval"),
+    ]
+    ax.legend(
+        handles=handles,
+        fontsize=7,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.16),
+        ncol=2,
+        frameon=False,
+    )
 
 
 def reliability_diagram(
     bins: dict[str, list[float]], path: Path, title: str, ece: float | None = None
 ) -> Path:
     """One run's reliability diagram (:func:`draw_reliability`), its ECE in the title."""
-    fig, ax = plt.subplots(figsize=(4.8, 4.8))
+    fig, ax = plt.subplots(figsize=(4.8, 5.4))  # the legend sits below the axes
     full = title if ece is None else f"{title}\nECE {ece:.4f}"
     draw_reliability(ax, bins, fitted_title(full, fig, 9))
     return _save(fig, path)

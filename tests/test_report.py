@@ -25,9 +25,10 @@ from scipy import stats
 
 from pwf_flows.cli import main as pwf_main
 from pwf_flows.links import TRAINING_VIEW
+from tests._dummies.browser import chromium
 from tests._dummies.services import free_port
 from tests.conftest import ROOT
-from tests.test_report_page import assert_no_wrapped_cells, chromium
+from tests.test_report_page import assert_no_wrapped_cells
 from tests.test_report_statistics import run_pwf
 from tests.test_shipped_sweeps import tiny_overrides
 

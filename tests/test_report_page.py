@@ -5,10 +5,7 @@ front's points naming their settings; from a real MLflow store of replicated run
 
 from __future__ import annotations
 
-import contextlib
 import math
-import shutil
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -16,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from pwf_flows.report import Selection, build_report, write_report
+from tests._dummies.browser import chromium
 from tests.test_report_statistics import N_TEST, SETTINGS, SWEEP, expected_settings, make_store
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -29,31 +27,6 @@ return Array.from(document.querySelectorAll('td, th')).filter(cell => {
   return tops.size > 1 || getComputedStyle(cell).whiteSpace !== 'nowrap';
 }).map(cell => cell.textContent);
 """
-
-
-@contextlib.contextmanager
-def chromium(width: int = 1400, height: int = 1800) -> Iterator:
-    """The distribution's headless Chromium driven by selenium; its console errors kept."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        f"--window-size={width},{height}",
-    ):
-        options.add_argument(flag)
-    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(
-        service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=options
-    )
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def assert_no_wrapped_cells(driver) -> None:

@@ -22,9 +22,10 @@ from scipy import stats
 
 from pwf_flows import infra
 from pwf_flows.cli import main as pwf_main
+from pwf_flows.plots import SPARSE_BIN
 from pwf_flows.report import Selection, build_report
 from pwf_flows.report.collect import ReportError
-from pwf_flows.report.figures import SPARSE_BIN, FrontFigure, reliability_grid
+from pwf_flows.report.figures import FrontFigure, reliability_grid
 
 N_TEST = 359  # the digits test split: one sample is 100 / 359 = 0.28 pt
 PRETRAINED = 355 / N_TEST
@@ -502,11 +503,11 @@ def test_front_labels_stay_inside_the_axes_and_sparse_bins_are_faded(store):
     assert png.startswith(b"\x89PNG") and "pwfn b=5, max_order=4" in svg
     import matplotlib.pyplot as plt
 
-    from pwf_flows.report.figures import reliability_panel
+    from pwf_flows.plots import draw_reliability
 
     fig, ax = plt.subplots()
     try:
-        reliability_panel(ax, BINS, "t")
+        draw_reliability(ax, BINS, "t")
         bars = [p for p in ax.patches if p.get_fill()]
         faded = [p for p in bars if p.get_alpha() < 0.5]
         sparse = [c for c in BINS["count"] if 0 < c < SPARSE_BIN]

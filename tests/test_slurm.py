@@ -33,7 +33,7 @@ from tests._dummies.services import (
 from tests._dummies.slurm import KILL_WAIT_S, SlurmCluster, missing_tools, slurm_cluster
 from tests.conftest import ROOT
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 SLURM = ROOT / "slurm"
 IDLE_EXIT_S = 15  # the workers' --idle-exit here (300 s by default)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,11 +20,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pwf_flows.links import LOCAL_UIS, MLFLOW_UI, OPTUNA_UI, PREFECT_UI
+from tests._dummies.browser import chromium
 from tests._dummies.services import exited, free_port, rest, wait_until
 from tests.conftest import ROOT
 from tests.test_shipped_sweeps import TINY, TINY_FIXING, tiny_overrides
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("ui")]
 SWEEP = ROOT / "sweeps" / "full-sweep.yaml"
 PWF = [sys.executable, "-m", "pwf_flows.cli"]
 # What only MLflow's GenAI sidebar holds, and what only its model-training one does.
@@ -110,20 +110,8 @@ def _wait_serving(ui: subprocess.Popen, log: Path) -> None:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000"):
-        options.add_argument(flag)
-    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
-    driver = webdriver.Chrome(
-        service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=options
-    )
-    try:
+    with chromium(height=1000) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def _shows(driver, text: str) -> None:

@@ -13,12 +13,9 @@ from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
-from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
 from matplotlib.text import Annotation
-from scipy import stats
 
-from pwf_flows.plots import accuracy_limits, fitted_title, log_axis
+from pwf_flows.plots import accuracy_limits, draw_reliability, fitted_title, log_axis
 from pwf_flows.report.collect import ReportRun
 from pwf_flows.report.statistics import MIN_REPLICATES, Setting, Summary
 
@@ -37,7 +34,6 @@ PLACES = (
     (6, -5, "left", "top"),
     (-6, -5, "right", "top"),
 )
-SPARSE_BIN = 10  # a bin of fewer test samples has a resolution coarser than 10 pt
 
 
 def non_dominated(settings: Sequence[Setting]) -> list[Setting]:
@@ -272,73 +268,6 @@ def pooled_bins(many: Sequence[dict[str, list[float]]]) -> dict[str, list[float]
     }
 
 
-def reliability_panel(ax: Axes, bins: dict[str, list[float]], title: str) -> None:
-    """Accuracy per confidence bin with its 95 % binomial interval (Clopper-Pearson); bins of
-    fewer than :data:`SPARSE_BIN` samples faded, without a gap drawn (too few to show
-    miscalibration); every bin's count written over it, the legend below the axes."""
-    width = bins["upper"][0] - bins["lower"][0]
-    for i, count in enumerate(bins["count"]):
-        if count <= 0:
-            continue
-        left, accuracy, confidence = bins["lower"][i], bins["accuracy"][i], bins["confidence"][i]
-        sparse = count < SPARSE_BIN
-        ax.bar(
-            left,
-            accuracy,
-            width=width,
-            align="edge",
-            color="C0",
-            edgecolor="C0",
-            alpha=0.18 if sparse else 0.7,
-        )
-        if not sparse:
-            ax.bar(
-                left,
-                confidence - accuracy,
-                bottom=accuracy,
-                width=width,
-                align="edge",
-                fill=False,
-                hatch="//",
-                edgecolor="C3",
-                lw=0.5,
-            )
-        interval = stats.binomtest(round(accuracy * count), int(count)).proportion_ci(0.95)
-        centre = left + width / 2
-        ax.plot([centre, centre], [interval.low, interval.high], color="0.25", lw=0.8)
-        ax.text(
-            centre,
-            min(max(accuracy, confidence, interval.high) + 0.015, 1.02),
-            f"{int(count)}",
-            ha="center",
-            va="bottom",
-            fontsize=7.5,
-            color="0.45" if sparse else "0.1",
-            rotation=90 if count >= 1000 else 0,
-        )
-    ax.plot([0, 1], [0, 1], ls="--", color="0.3", lw=1)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.12)
-    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    ax.set_xlabel("confidence (numbers: test samples per bin)")
-    ax.set_ylabel("accuracy")
-    ax.set_title(title, fontsize=9)
-    handles = [
-        Patch(color="C0", alpha=0.7, label="accuracy"),
-        Patch(color="C0", alpha=0.18, label=f"< {SPARSE_BIN} samples"),
-        Patch(fill=False, hatch="//", edgecolor="C3", label="gap to confidence"),
-        Line2D([], [], color="0.25", lw=0.8, label="95 % interval"),
-    ]
-    ax.legend(
-        handles=handles,
-        fontsize=7,
-        loc="upper center",
-        bbox_to_anchor=(0.5, -0.16),
-        ncol=2,
-        frameon=False,
-    )
-
-
 def reliability_grid(chosen: list[tuple[Setting, dict]]) -> tuple[bytes, str]:
     """The chosen settings' reliability diagrams side by side, as PNG bytes and inline SVG."""
     count = len(chosen)
@@ -355,7 +284,7 @@ def reliability_grid(chosen: list[tuple[Setting, dict]]) -> tuple[bytes, str]:
             title += f"\nECE {ece.mean:.4f}{spread} (n = {ece.n})"
         if setting.n > 1:
             title += f", bins of {setting.n} replicates pooled"
-        reliability_panel(ax, bins, fitted_title(title, fig, 9))
+        draw_reliability(ax, bins, fitted_title(title, fig, 9))
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)

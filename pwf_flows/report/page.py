@@ -7,8 +7,9 @@ import html
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from pwf_flows.plots import SPARSE_BIN
 from pwf_flows.report.collect import ReportRun
-from pwf_flows.report.figures import SPARSE_BIN, X_MEANING
+from pwf_flows.report.figures import X_MEANING
 from pwf_flows.report.statistics import (
     ALPHA,
     CONFIDENCE,
