@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import pwf_core
 from pwf_core._files import is_complete_safetensors, is_sound_safetensors
@@ -50,10 +51,15 @@ def pretrain_key(config: ExperimentConfig) -> str:
     )
 
 
+def experiment_settings(config: ExperimentConfig) -> dict[str, Any]:
+    """The config as it determines the experiment's results: all but how it is executed
+    (keeping checkpoints, timeouts), so a rerun under other execution settings is the same."""
+    return {k: v for k, v in config_to_dict(config).items() if k != "execution"}
+
+
 def run_key(config: ExperimentConfig) -> str:
-    """What determines a whole experiment: the config (but how it is executed) and the code."""
-    values = {k: v for k, v in config_to_dict(config).items() if k != "execution"}
-    return config_hash(values, code_version())
+    """What determines a whole experiment: its settings and the code."""
+    return config_hash(experiment_settings(config), code_version())
 
 
 def set_aside(path: Path) -> Path:

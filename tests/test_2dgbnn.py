@@ -15,6 +15,7 @@ from torch import nn
 from torch.distributions import MultivariateNormal, kl_divergence
 
 from pwf_core import Compression, compress, load_compressed, save_compressed
+from pwf_core._seeding import derive_seed, seed_everything
 from pwf_core.bayes import bayesian_params, sampling, to_bayesian
 from pwf_core.config import load_config
 from pwf_core.methods.gbnn2d.config import TwoDGBNNConfig
@@ -31,6 +32,7 @@ from pwf_core.methods.gbnn2d.merging import MergeRule, merge
 from pwf_core.methods.gbnn2d.method import magnitude_threshold
 from pwf_core.methods.gbnn2d.network import install, sharing_of
 from pwf_core.methods.gbnn2d.sharing import SharedGaussians
+from pwf_core.metrics import expected_calibration_error
 from pwf_core.pretrain import build_experiment_model
 from tests._dummies.models import TinyMLP
 from tests.conftest import ROOT
@@ -204,6 +206,22 @@ def test_on_digits_the_shared_model_keeps_the_bnns_accuracy(digits_run, pretrain
     gaussians = [r.metrics["ws/shared_values"] for r in records if "ws/shared_values" in r.metrics]
     assert gaussians[0] == 237 and gaussians[-1] < gaussians[0]  # sqrt(N) at first, then merged
     assert all(b <= a for a, b in itertools.pairwise(gaussians))
+
+
+@pytest.mark.slow
+def test_sampled_final_metrics_match_an_independent_average(digits_run, digits):
+    """The stochastic model's ``sampled/*``: the softmax of ``eval_samples`` averaged logits
+    under the final-eval seed, recomputed here by hand."""
+    run, _, final = digits_run
+    samples = load_config(CONFIG).compression.eval_samples
+    images, labels = next(iter(digits.loader("test", 512)))  # one batch holds the test split
+    seed_everything(derive_seed(0, "final-eval"))
+    with torch.no_grad(), sampling(run.model.eval(), True):
+        logits = torch.stack([run.model(images).float() for _ in range(samples)]).mean(0)
+    probs = logits.softmax(1)
+    assert final["sampled/cal/ece"] == pytest.approx(expected_calibration_error(probs, labels))
+    assert final["sampled/cls/acc"] == pytest.approx((probs.argmax(1) == labels).float().mean())
+    assert final["sampled/cls/nll"] != final["mean/cls/nll"]  # sampling really changed weights
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from pwf_core import Compression
 from pwf_core._files import atomic_path, write_text_atomic
 from pwf_core.checkpoint import load_checkpoint, read_checkpoint_header, save_checkpoint
-from pwf_core.config import DataConfig, ExperimentConfig, config_to_dict, parse_config
+from pwf_core.config import DataConfig, ExperimentConfig, parse_config
 from pwf_core.data import ImageDataset, InputContract, load_dataset
 from pwf_core.export import save_compressed
 from pwf_core.methods import Step, StepRecord
@@ -28,7 +28,12 @@ from pwf_core.methods.base import history
 from pwf_core.metrics import reliability_bins
 from pwf_core.onnx_export import check_onnx, export_onnx
 from pwf_core.pretrain import build_experiment_model, model_spec, pretrain
-from pwf_flows.artifacts import ExperimentFiles, pretrain_key, usable_checkpoint
+from pwf_flows.artifacts import (
+    ExperimentFiles,
+    experiment_settings,
+    pretrain_key,
+    usable_checkpoint,
+)
 from pwf_flows.distributed import lead, share_state
 from pwf_flows.plots import accuracy_vs_unique_values, draw_figure, reliability_diagram
 
@@ -217,7 +222,7 @@ def evaluate_task(
         run.model,
         files.final / "model.pwf.safetensors",
         spec=model_spec(cfg, cached_dataset(cfg.data)),
-        config=config_to_dict(cfg),
+        config=experiment_settings(cfg),
         contract=cached_dataset(cfg.data).contract,
     )
     metrics |= export.as_metrics()
