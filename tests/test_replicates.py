@@ -33,15 +33,16 @@ TINY = {
 
 
 def _sweep(tmp_path: Path) -> Path:
-    """Three settings of b, two replicates each; the objective is the unique values alone, so
-    b = 4 (most weights below 2^-4 go to 0) beats b = 6 and b = 8 from the first round on."""
+    """Three settings of b, two replicates each, three rounds; the objective is the unique
+    values alone, so b = 4 (most weights below 2^-4 go to 0) beats b = 6 and b = 8 at every
+    round, and the rule decides from round 2 on."""
     path = tmp_path / "replicated.yaml"
     path.write_text(
         yaml.safe_dump(
             {
                 "name": "replicated",
                 "base": str(DEFAULT_CONFIG),
-                "overrides": TINY,
+                "overrides": TINY | {"train.epochs": 1, "compression.schedule": [0.3, 0.6, 1]},
                 "space": {"compression.b": {"choices": [4, 6, 8]}},
                 "study": {
                     "objectives": ["unique_values"],
@@ -50,7 +51,7 @@ def _sweep(tmp_path: Path) -> Path:
                     "storage": f"sqlite:///{tmp_path / 'optuna.db'}",
                     "heartbeat_s": 1,
                     "replicates": 2,
-                    "early_stopping": {"from_round": 1, "min_dominating": 1, "margins": {}},
+                    "early_stopping": {"from_round": 2, "min_dominating": 1, "margins": {}},
                 },
                 "execution": {"artifacts_dir": str(tmp_path / "artifacts")},
             }
@@ -87,13 +88,16 @@ def test_a_replicated_sweep_with_early_stopping_killed_mid_replicate_ends_whole(
             _command(path), cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT
         )
 
-        def second_replicate_under_way() -> bool:
-            trials = _study(tmp_path).get_trials(states=(TrialState.RUNNING,))
-            return any(rounds_key(1) in t.user_attrs for t in trials)
+        def second_trial_past_its_first_round() -> bool:
+            trials = _study(tmp_path).trials
+            return trials[0].state == TrialState.COMPLETE and any(
+                t.state == TrialState.RUNNING and t.user_attrs.get(rounds_key(0)) for t in trials
+            )
 
+        # Killed after round 1 of trial 1 (b = 8), before round 2 where b = 4 would stop it.
         wait_until(
-            second_replicate_under_way,
-            "trial 0's second replicate to finish a round",
+            second_trial_past_its_first_round,
+            "trial 0 to complete and trial 1 to finish its first round",
             timeout=600,
             poll=0.1,
             processes=[process],
@@ -111,11 +115,11 @@ def test_a_replicated_sweep_with_early_stopping_killed_mid_replicate_ends_whole(
     assert len(done) == 3, [(t.number, t.state, t.params) for t in study.trials]
     complete = {t.number: t for t in study.get_trials(states=(TrialState.COMPLETE,))}
     stopped = [t for t in done if t.state == TrialState.PRUNED]
-    assert stopped, "no trial was stopped early"  # b = 4 keeps 1 value at round 1: it stops
+    assert stopped, "no trial was stopped early"
     assert f"early stopping: {len(stopped)} trials stopped part way" in output
     for trial in stopped:
         decision = trial.user_attrs[STOPPED_ATTR]
-        assert decision["round"] == 1 and decision["saved_s"] > 0
+        assert decision["round"] == 2 and decision["saved_s"] > 0
         assert set(decision["by"]) <= set(complete)  # beaten by completed trials only...
         mine = trial.user_attrs[rounds_key(0)][0][0]
         for number in decision["by"]:  # ...with fewer values at the same round
@@ -127,7 +131,13 @@ def test_a_replicated_sweep_with_early_stopping_killed_mid_replicate_ends_whole(
             assert sum(theirs) / len(theirs) < mine
         assert rounds_key(1) not in trial.user_attrs  # its second replicate was never run
     (failed,) = study.get_trials(states=(TrialState.FAIL,))  # the one the kill interrupted
-    assert failed.params in [t.params for t in complete.values()]  # retried to its end
+    assert failed.params == {"compression.b": 8}
+    (retry,) = [t for t in done if t.params == failed.params]  # resumed, then stopped
+    assert (
+        retry.state == TrialState.PRUNED
+        and retry.user_attrs["mlflow_run_id"] == (failed.user_attrs["mlflow_run_id"])
+    )
+    assert [t.params for t in complete.values()] == [{"compression.b": 4}]
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name("replicated").experiment_id
@@ -154,11 +164,11 @@ def test_a_replicated_sweep_with_early_stopping_killed_mid_replicate_ends_whole(
             assert trial.user_attrs["unique_values_ci95"] == pytest.approx([low, high])
     for trial in stopped:  # one replicate, ended FINISHED where it stopped, no checkpoint left
         (run,) = children[trial.user_attrs["mlflow_run_id"]]
-        assert run.data.tags["early_stopped.round"] == "1"
+        assert run.data.tags["early_stopped.round"] == "2"
         assert "final/cls/acc" not in run.data.metrics  # no final evaluation was paid for
         folder = Path(run.data.tags["artifacts"])
         assert not list(folder.glob("*.safetensors")) and (folder / "early_stopped.json").is_file()
-        assert trial_runs[trial.user_attrs["mlflow_run_id"]].data.tags["early_stopped.round"] == "1"
+        assert trial_runs[trial.user_attrs["mlflow_run_id"]].data.tags["early_stopped.round"] == "2"
     assert parent.data.metrics["sweep/early_stopped"] == len(stopped)
     assert parent.data.metrics["sweep/saved_s"] > 0
     assert_logged_once(mlflow_store)
