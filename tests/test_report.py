@@ -303,6 +303,45 @@ def test_the_sweep_leaves_its_report_in_mlflow_and_prefect(methods_sweep):
     assert "data:image/png;base64," in front.data and "pwfn" in front.data
 
 
+def test_a_sweep_cut_short_before_its_reference_ran_still_ends_with_its_report(
+    tmp_path, prefect_server, monkeypatch
+):
+    """The methods sweep stopped after one trial (``--set study.n_trials=1``) that is not
+    PWFN: the sweep ends, its report compares what ran, and the log says why."""
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("PREFECT_API_URL", prefect_server)
+    monkeypatch.chdir(tmp_path)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    fields = tiny_overrides(METHODS, storage, tmp_path / "artifacts", n_trials=1)
+    study = optuna.create_study(
+        study_name="methods", storage=storage, directions=["maximize", "minimize"]
+    )
+    study.enqueue_trial({"compression": "kmeans 8"})
+    items = [f"{key}={json.dumps(value)}" for key, value in fields.items()]
+    argv = [sys.executable, "-m", "pwf_flows.cli", "sweep", str(METHODS), "--no-progress"]
+    done = subprocess.run(
+        [*argv, *[a for i in items for a in ("--set", i)]],
+        cwd=tmp_path,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri, "PREFECT_API_URL": prefect_server},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "--reference 'pwfn' has no run in this report" in output
+    assert "compared with the first method instead" in output
+    (trial,) = optuna.load_study(study_name="methods", storage=storage).trials
+    assert trial.params == {"compression": "kmeans 8"} and trial.state == TrialState.COMPLETE
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("methods")
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.kind = 'sweep'")
+    assert parent.info.status == "FINISHED"
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert "report/table.csv" in logged
+
+
 def test_the_page_renders_in_a_headless_browser_with_mlflows_numbers(
     methods_sweep, methods_report, tmp_path
 ):

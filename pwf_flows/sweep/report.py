@@ -19,7 +19,7 @@ from prefect.runtime import flow_run
 from pwf_core._files import atomic_path
 from pwf_core.errors import ConfigError
 from pwf_flows.plots import bar_chart, pareto_front
-from pwf_flows.report import Selection, build_report, write_report
+from pwf_flows.report import Report, ReportError, Selection, build_report, write_report
 from pwf_flows.report.table import FIELDS
 from pwf_flows.sweep.early_stopping import Rule, replay
 from pwf_flows.sweep.spec import OBJECTIVES, EarlyStoppingSpec, SweepSpec, masked_url
@@ -163,14 +163,26 @@ def report_sweep(
 def publish_comparison(spec: SweepSpec, parent: RunTracker, folder: Path) -> None:
     """The sweep's trials compared (``pwf report`` of the sweep) on its parent MLflow run, and
     its table and front as artifacts of the sweep's Prefect flow run."""
-    report = build_report(
-        parent.client,
-        Selection(sweep=spec.name),
-        f"{spec.name}: the trials compared",
-        "MLflow",
-        reference=spec.report.reference,
-        budgets=spec.report.budgets,
-    )
+
+    def built(reference: str | None) -> Report:
+        return build_report(
+            parent.client,
+            Selection(sweep=spec.name),
+            f"{spec.name}: the trials compared",
+            "MLflow",
+            reference=reference,
+            budgets=spec.report.budgets,
+        )
+
+    try:
+        report = built(spec.report.reference)
+    except ReportError as error:
+        if spec.report.reference is None:
+            raise
+        # A sweep cut short (--n-trials, a budget) may not have run its reference yet: its
+        # report still compares what did run, and says so.
+        get_run_logger().warning("%s: compared with the first method instead", error)
+        report = built(None)
     for path in write_report(report, folder / "report").values():
         parent.log_artifact(path, "report")
     if not flow_run.id:
