@@ -33,7 +33,14 @@ from tests._dummies.services import (
 from tests._dummies.slurm import KILL_WAIT_S, SlurmCluster, missing_tools, slurm_cluster
 from tests.conftest import ROOT
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+# One worker runs this module (one cluster); a sweep through sbatch jobs on two busy cores can
+# take minutes, and a hang is still caught.
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.xdist_group("slurm"),
+    pytest.mark.timeout(900),
+]
 
 SLURM = ROOT / "slurm"
 IDLE_EXIT_S = 15  # the workers' --idle-exit here (300 s by default)
