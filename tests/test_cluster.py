@@ -42,7 +42,7 @@ SPACE = {
     "compression.b": {"int": [3, 6]},
     "compression.reg": {"float": [1e-5, 1e-2], "log": True},
 }
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("cluster")]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 class Cluster(Services):

@@ -421,15 +421,16 @@ def test_mlflow_outages_pause_the_sweep_and_a_long_one_stops_it_for_a_rerun(
     log = tmp_path / "first.log"
     process = start(command, tmp_path, environment, log)
     wait_while_running(lambda: complete_trials(storage, "outage") >= 1, process, "a complete trial")
-    down()  # an outage of ~12 s (the server takes ~10 s to start): waited out, no trial lost
-    time.sleep(2)
+    down()  # an outage the sweep meets (the server takes ~10 s to start): waited out
+    unreachable = f"pwf: MLflow at {url} is unreachable"
+    wait_while_running(lambda: unreachable in log.read_text(), process, "the outage to be met")
     up()
     wait_while_running(lambda: complete_trials(storage, "outage") >= 2, process, "a second trial")
     down()  # an outage longer than the sweep's 60 s budget (the default is 600 s)
     output = finish(process, log, timeout=200)
     assert process.returncode == 3, output[-3000:]
     # each outage said once, by pwf, and the libraries' retry narration quiet
-    assert output.count(f"pwf: MLflow at {url} is unreachable") == 2, output[-3000:]
+    assert output.count(unreachable) == 2, output[-3000:]
     assert output.count(f"pwf: MLflow at {url} is back after") == 1, output[-3000:]
     assert "Retrying (Retry(" not in output
     line = last_line(output)

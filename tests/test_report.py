@@ -32,11 +32,10 @@ from tests.test_report_page import assert_no_wrapped_cells
 from tests.test_report_statistics import run_pwf
 from tests.test_shipped_sweeps import tiny_overrides
 
-# One worker runs this module (make test's --dist loadgroup): its tests share one sweep.
+# One worker runs this module (make test's --dist loadfile): its tests share one sweep.
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.slow,
-    pytest.mark.xdist_group("methods"),
     pytest.mark.timeout(1800),  # the first test waits for the sweep: 60 tiny runs
 ]
 METHODS = ROOT / "sweeps" / "methods.yaml"

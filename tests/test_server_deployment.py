@@ -89,10 +89,6 @@ class Stack(Services):
         return self.start(name, argv, interrupts=interrupts, **extra)
 
 
-# One worker runs this module (make test's --dist loadgroup): its tests share one stack.
-pytestmark = pytest.mark.xdist_group("readme-stack")
-
-
 @pytest.fixture(scope="module")
 def readme_stack(tmp_path_factory):
     """The README's servers, pools, workers and ``prefect deploy --all``, once for the module."""

@@ -22,6 +22,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from pwf_flows.sweep.pool import FLOW_RUNS_ATTR
 from tests._dummies.services import (
     Services,
     flow_run_id,
@@ -33,12 +34,10 @@ from tests._dummies.services import (
 from tests._dummies.slurm import KILL_WAIT_S, SlurmCluster, missing_tools, slurm_cluster
 from tests.conftest import ROOT
 
-# One worker runs this module (one cluster); a sweep through sbatch jobs on two busy cores can
-# take minutes, and a hang is still caught.
+# A sweep through sbatch jobs on two busy cores can take minutes; a hang is still caught.
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.slow,
-    pytest.mark.xdist_group("slurm"),
     pytest.mark.timeout(900),
 ]
 
@@ -112,7 +111,7 @@ class Stack:
         def queued() -> bool:
             with contextlib.suppress(KeyError):  # no study yet
                 running = self.study(name).get_trials(states=(TrialState.RUNNING,))
-                return sum("prefect_flow_run_id" in t.user_attrs for t in running) == count
+                return sum(FLOW_RUNS_ATTR in t.user_attrs for t in running) == count
             return False
 
         self.services.wait_for(queued, f"{count} trials of {name} on the pool", timeout=300)
@@ -262,7 +261,8 @@ def test_trials_handed_back_by_their_worker_jobs_are_resumed_by_the_next(slurm):
     assert all(c.info.status == "FINISHED" for c in children)
     assert all(c.data.tags["resumed_at"].startswith("round ") for c in children)
     states = {r["id"]: r["state"]["type"] for r in trial_flow_runs(slurm, name)}
-    assert [states.pop(t.user_attrs["prefect_flow_run_id"]) for t in lost] == ["CRASHED"] * 2
+    lost_runs = [t.user_attrs[FLOW_RUNS_ATTR]["0"] for t in lost]  # one replicate each
+    assert [states.pop(run_id) for run_id in lost_runs] == ["CRASHED"] * 2
     assert list(states.values()) == ["COMPLETED"] * 2  # nothing left running in Prefect
 
     slurm.wait_jobs_gone([workers], timeout=IDLE_EXIT_S + 60)

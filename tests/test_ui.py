@@ -25,7 +25,7 @@ from tests._dummies.services import exited, free_port, rest, wait_until
 from tests.conftest import ROOT
 from tests.test_shipped_sweeps import TINY, TINY_FIXING, tiny_overrides
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("ui")]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SWEEP = ROOT / "sweeps" / "full-sweep.yaml"
 PWF = [sys.executable, "-m", "pwf_flows.cli"]
 # What only MLflow's GenAI sidebar holds, and what only its model-training one does.
