@@ -28,6 +28,28 @@ configure_environment()
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 
+# The modules that take minutes (servers, clusters, faults injected into real runs), longest
+# first: ``make test`` hands whole modules to its two workers in collection order
+# (``--no-loadscope-reorder``; xdist would otherwise put the modules of most tests first), so
+# these start at once and the short ones fill in around them instead of one of these ending
+# the run alone.
+LONGEST_MODULES = (
+    "test_faults.py",
+    "test_slurm.py",
+    "test_server_deployment.py",
+    "test_cluster.py",
+    "test_auth.py",
+    "test_report.py",
+    "test_ui.py",
+    "test_packaging.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run :data:`LONGEST_MODULES` first (each module's tests keep their order)."""
+    rank = {name: index for index, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
 
 @pytest.fixture(autouse=True)
 def _nothing_logged_twice(request):
