@@ -519,3 +519,30 @@ def test_front_labels_stay_inside_the_axes_and_sparse_bins_are_faded(store):
         assert legend.y1 <= ax.get_window_extent(fig.canvas.get_renderer()).y0  # below the axes
     finally:
         plt.close(fig)
+
+
+def test_a_collapsed_setting_sits_on_the_floor_and_leaves_the_others_readable(
+    tmp_path, monkeypatch
+):
+    """3-bit uniform at 12.5 %: drawn on the axis floor with its top-1 written out, while the
+    axis spans the settings within 10 points of the pretrained model."""
+    monkeypatch.setitem(
+        SETTINGS, "uniform-3", {"knobs": {"bits": "3"}, "right": [45, 40, 50], "shared": [6] * 3}
+    )
+    report = _report(make_store(tmp_path))
+    runs = {panel: list(report.runs) for panel in report.settings}
+    figure = FrontFigure(report.settings, runs)
+    try:
+        ((ax, labels),) = figure.annotations
+        low, high = ax.get_ylim()
+        lowest_kept = min(min(s["right"]) for k, s in SETTINGS.items() if k != "uniform-3")
+        assert 100 * 300 / N_TEST < low <= 100 * lowest_kept / N_TEST and high <= 100
+        (below,) = [label for label in labels if label.get_text().endswith("below")]
+        assert below.get_text() == f"uniform bits=3: {100 * 45 / N_TEST:.1f} %, below"
+        assert below.xy == (6.0, low)  # on the floor, at its unique values
+        renderer = figure.fig.canvas.get_renderer()
+        frame = ax.get_window_extent(renderer)
+        box = below.get_window_extent(renderer)
+        assert frame.y0 <= box.y0 and box.y1 <= frame.y1
+    finally:
+        figure.close()

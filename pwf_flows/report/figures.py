@@ -27,12 +27,21 @@ X_MEANING = (
     "keep a Gaussian of their own)."
 )
 LABEL_SIZE = 8
-# Where a label may sit relative to its point (points): right-above first, then the others.
+# Settings more than this many points of top-1 below the panel's best (or the pretrained
+# model) sit on the axis floor with their value written out: one collapsed setting (3-bit
+# uniform at 13 %) would otherwise flatten every other into a line along the top.
+FOCUS_PT = 10.0
+# Where a label may sit relative to its point (points): right-above first, then the other
+# corners, then a line further out (crowded fronts, settings side by side on the floor).
 PLACES = (
     (6, 5, "left", "bottom"),
     (-6, 5, "right", "bottom"),
     (6, -5, "left", "top"),
     (-6, -5, "right", "top"),
+    (6, 16, "left", "bottom"),
+    (-6, 16, "right", "bottom"),
+    (6, -16, "left", "top"),
+    (-6, -16, "right", "top"),
 )
 
 
@@ -119,6 +128,27 @@ def place_labels(ax: Axes, labels: list[Annotation]) -> None:
         placed.append(label.get_window_extent(renderer))
 
 
+def _focus(settings: Sequence[Setting], reference: float | None) -> tuple[float, float]:
+    """The panel's top-1 range (percent): the settings within :data:`FOCUS_PT` of the best
+    (or of the pretrained model), their intervals where replicated enough, and the reference;
+    the settings below are drawn on the floor."""
+    means = [100 * s.mean(Y_KEY) for s in settings]
+    top = max([*means, *([100 * reference] if reference is not None else [])], default=100.0)
+    near = [s for s, mean in zip(settings, means, strict=True) if mean >= top - FOCUS_PT]
+    shown = [100 * s.mean(Y_KEY) for s in near]
+    shown += [100 * y for s in near for run in s.runs if (y := run.metric(Y_KEY)) is not None]
+    # the intervals of well-replicated settings fit in; a two-seed interval may run off
+    shown += [
+        100 * end
+        for s in near
+        if s.n >= MIN_REPLICATES and (y := s.stats.get(Y_KEY)) is not None
+        for end in (y.low, y.high)
+    ]
+    if reference is not None:
+        shown.append(100 * reference)
+    return accuracy_limits(shown)
+
+
 class FrontFigure:
     """Accuracy against unique values, one subplot per panel, one series per method."""
 
@@ -136,7 +166,8 @@ class FrontFigure:
 
     def _panel(self, ax: Axes, title: str, settings: list[Setting], runs: list[ReportRun]) -> None:
         methods = sorted({s.method for s in settings})
-        shown = [100 * run.metric(Y_KEY) for run in runs]
+        reference = reference_accuracy(runs)
+        low, high = _focus(settings, reference)
         xs = [run.metric(X_KEY) for run in runs if run.metric(X_KEY)]
         labels: list[Annotation] = []
         for index, method in enumerate(methods):
@@ -156,6 +187,8 @@ class FrontFigure:
             )
             for setting in mine:
                 self._setting(ax, setting, colour, setting in front)
+                if 100 * setting.mean(Y_KEY) < low:
+                    labels.append(self._below(ax, setting, colour, low))
             labels += [
                 ax.annotate(
                     setting.label,
@@ -167,32 +200,39 @@ class FrontFigure:
                     annotation_clip=False,
                 )
                 for setting in front
+                if 100 * setting.mean(Y_KEY) >= low
             ]
         self.annotations.append((ax, labels))
-        # the intervals of well-replicated settings fit in; a two-seed interval may run off
-        shown += [
-            100 * end
-            for s in settings
-            if s.n >= MIN_REPLICATES and (y := s.stats.get(Y_KEY)) is not None
-            for end in (y.low, y.high)
-        ]
-        reference = reference_accuracy(runs)
         if reference is not None:
             ax.axhline(100 * reference, ls="--", color="0.4", lw=1, label="pretrained")
-            shown.append(100 * reference)
-        ax.set_ylim(*accuracy_limits(shown))
+        ax.set_ylim(low, high)
         log_axis(ax, xs)
         if xs:
-            low, high = min(xs), max(xs)
-            pad = (high / low) ** 0.12 if ax.get_xscale() == "log" else None
+            least, most = min(xs), max(xs)
+            pad = (most / least) ** 0.12 if ax.get_xscale() == "log" else None
             if pad is not None and pad > 1:
-                ax.set_xlim(low / pad, high * pad)
+                ax.set_xlim(least / pad, most * pad)
         scale = " (log scale)" if ax.get_xscale() == "log" else ""
         ax.set_xlabel(f"{X_LABEL}{scale}")
         ax.set_ylabel("test top-1 (%)")
         ax.set_title(fitted_title(title, self.fig), fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3)
+
+    def _below(self, ax: Axes, setting: Setting, colour: str, floor: float) -> Annotation:
+        """A setting far below the others: a marker on the axis floor, its top-1 in the label
+        (a collapsed setting would otherwise squeeze the rest into a line at the top)."""
+        x = setting.mean(X_KEY)
+        ax.plot([x], [floor], "v", color=colour, ms=7, clip_on=False, zorder=5)
+        return ax.annotate(
+            f"{setting.label}: {100 * setting.mean(Y_KEY):.1f} %, below",
+            (x, floor),
+            textcoords="offset points",
+            xytext=PLACES[0][:2],
+            fontsize=LABEL_SIZE,
+            color=colour,
+            annotation_clip=False,
+        )
 
     def _replicates(self, ax: Axes, runs: list[ReportRun], colour: str) -> None:
         """Each replicate as a faint dot: the spread behind a mean."""
