@@ -546,3 +546,20 @@ def test_a_collapsed_setting_sits_on_the_floor_and_leaves_the_others_readable(
         assert frame.y0 <= box.y0 and box.y1 <= frame.y1
     finally:
         figure.close()
+
+
+def test_when_many_settings_are_far_below_the_whole_range_is_shown(tmp_path, monkeypatch):
+    """A quarter of the settings or more far below the best is the picture itself: the axis
+    reaches down to them and nothing sits on the floor."""
+    for bits, right in (("2", [30, 31, 32]), ("3", [45, 40, 50]), ("4", [60, 61, 62])):
+        knobs = {"knobs": {"bits": bits}, "right": right, "shared": [3] * 3}
+        monkeypatch.setitem(SETTINGS, f"uniform-{bits}", knobs)
+    report = _report(make_store(tmp_path))
+    runs = {panel: list(report.runs) for panel in report.settings}
+    figure = FrontFigure(report.settings, runs)
+    try:
+        ((ax, labels),) = figure.annotations
+        assert ax.get_ylim()[0] <= 100 * 30 / N_TEST
+        assert not [label for label in labels if label.get_text().endswith("below")]
+    finally:
+        figure.close()

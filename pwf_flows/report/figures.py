@@ -31,6 +31,8 @@ LABEL_SIZE = 8
 # model) sit on the axis floor with their value written out: one collapsed setting (3-bit
 # uniform at 13 %) would otherwise flatten every other into a line along the top.
 FOCUS_PT = 10.0
+# ...unless more than this share of the settings would sit there: then the whole range is shown.
+MAX_BELOW_SHARE = 0.25
 # Where a label may sit relative to its point (points): right-above first, then the other
 # corners, then a line further out (crowded fronts, settings side by side on the floor).
 PLACES = (
@@ -131,10 +133,12 @@ def place_labels(ax: Axes, labels: list[Annotation]) -> None:
 def _focus(settings: Sequence[Setting], reference: float | None) -> tuple[float, float]:
     """The panel's top-1 range (percent): the settings within :data:`FOCUS_PT` of the best
     (or of the pretrained model), their intervals where replicated enough, and the reference;
-    the settings below are drawn on the floor."""
+    the few settings below are drawn on the floor."""
     means = [100 * s.mean(Y_KEY) for s in settings]
     top = max([*means, *([100 * reference] if reference is not None else [])], default=100.0)
     near = [s for s, mean in zip(settings, means, strict=True) if mean >= top - FOCUS_PT]
+    if len(near) < (1 - MAX_BELOW_SHARE) * len(settings):
+        near = list(settings)  # many far below: that is the picture, shown whole
     shown = [100 * s.mean(Y_KEY) for s in near]
     shown += [100 * y for s in near for run in s.runs if (y := run.metric(Y_KEY)) is not None]
     # the intervals of well-replicated settings fit in; a two-seed interval may run off
