@@ -109,6 +109,7 @@ def test_a_replicated_sweep_with_early_stopping_killed_mid_replicate_ends_whole(
     )
     output = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0, output[-4000:]
+    assert "; for 6 runs)" in output  # the disk it needs: 3 trials of 2 replicates
 
     study = _study(tmp_path)
     done = trials_done(study)

@@ -51,7 +51,8 @@ def sweep_command(args: argparse.Namespace) -> int:
         return 0
     set_infra_timeout(spec.infra_timeout_s)
     ServerChecks(storage=spec.study.resolved_storage()).wait()
-    check_disk(spec.trial_config({}), spec.execution.artifacts_dir, runs=spec.n_trials)
+    runs = spec.n_trials * spec.study.replicates  # each replicate is a run of its own
+    check_disk(spec.trial_config({}), spec.execution.artifacts_dir, runs=runs)
     check_tracking_experiment(spec.name)
     from pwf_flows.server import prefect_api
 
