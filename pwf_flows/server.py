@@ -51,17 +51,24 @@ def _server_child(parent: int) -> None:
     the mask), so only the parent's SIGINT or its death ends the server.
     """
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    die_with_parent(parent, signal.SIGKILL)
+
+
+def die_with_parent(parent: int, sent: signal.Signals) -> None:
+    """In a child process, before it starts: receive ``sent`` when the command that started
+    it dies, however it dies (Linux ``PR_SET_PDEATHSIG``)."""
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    libc.prctl(PR_SET_PDEATHSIG, sent)
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
 
 
-def _healthy(url: str) -> bool:
+def answers(url: str) -> bool:
+    """Whether ``url`` answers 200 within 2 s."""
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+        with urllib.request.urlopen(url, timeout=2) as response:
             return response.status == 200
-    except OSError:
+    except OSError:  # refused, timed out, or an HTTP error status
         return False
 
 
@@ -137,7 +144,7 @@ def prefect_api() -> Iterator[str]:
             preexec_fn=lambda: _server_child(parent),
         )
         deadline = time.monotonic() + timeout
-        while not _healthy(url):
+        while not answers(f"{url}/health"):
             if process.poll() is not None:
                 log.close()
                 raise ServerError(

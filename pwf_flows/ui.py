@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,8 +38,8 @@ from pwf_flows.links import (
     is_server_uri,
     mlflow_ui,
 )
+from pwf_flows.server import answers, die_with_parent
 
-PR_SET_PDEATHSIG = 1
 START_TIMEOUT_S = 180.0  # a first start on a fresh PREFECT_HOME migrates its database
 STOP_TIMEOUT_S = 10.0  # then SIGKILL
 LOGS = ".pwf-ui"
@@ -237,22 +234,6 @@ def _sqlite_lock(uri: str) -> Path | None:
     return Path(database).with_suffix(".lock") if database else None
 
 
-def _die_with_parent(parent: int) -> None:
-    """In a UI's process, before it starts: SIGTERM when this command dies, however."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except (OSError, urllib.error.HTTPError):
-        return False
-
-
 def _tail(path: Path, lines: int = 1) -> str:
     text = path.read_text(errors="replace").strip().splitlines() if path.is_file() else []
     return " | ".join(text[-lines:]) or "(nothing logged)"
@@ -268,7 +249,7 @@ def _start(service: Service, logs: Path) -> None:
         stdout=service.log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        preexec_fn=lambda: _die_with_parent(parent),
+        preexec_fn=lambda: die_with_parent(parent, signal.SIGTERM),
     )
 
 
@@ -282,7 +263,7 @@ def _wait_ready(services: list[Service], logs: Path) -> None:
     waiting = list(services)
     while waiting:
         for service in list(waiting):
-            if _answers(service.health):
+            if answers(service.health):
                 waiting.remove(service)
             elif service.process.poll() is not None:
                 log = logs / f"{service.ui.name}.log"

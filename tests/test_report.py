@@ -29,7 +29,7 @@ from tests._dummies.browser import chromium
 from tests._dummies.services import free_port
 from tests.conftest import ROOT
 from tests.test_report_page import assert_no_wrapped_cells
-from tests.test_report_statistics import run_pwf
+from tests.test_report_statistics import REPORT_FILES, run_pwf
 from tests.test_shipped_sweeps import tiny_overrides
 
 # One worker runs this module (make test's --dist loadfile): its tests share one sweep.
@@ -213,17 +213,7 @@ def test_the_reports_numbers_equal_scipys_from_the_mlflow_runs(methods_sweep, me
 def test_the_report_holds_every_method_with_the_numbers_mlflow_holds(methods_sweep, methods_report):
     _, uri, _ = methods_sweep
     out = methods_report
-    assert {p.name for p in out.iterdir()} == {
-        "report.html",
-        "front.png",
-        "reliability.png",
-        "table.csv",
-        "table.md",
-        "table.tex",
-        "comparison.csv",
-        "runs.csv",
-        "stats.csv",
-    }
+    assert {p.name for p in out.iterdir()} == REPORT_FILES
     runs = {run.info.run_id: run for run in experiment_runs(uri)}
     rows = _csv(out / "runs.csv")
     assert len(rows) == 60

@@ -30,6 +30,18 @@ from pwf_flows.report.figures import FrontFigure, reliability_grid
 N_TEST = 359  # the digits test split: one sample is 100 / 359 = 0.28 pt
 PRETRAINED = 355 / N_TEST
 SWEEP = "bench"
+# What pwf report writes: the page, its figures, and each table as CSV, Markdown and LaTeX.
+REPORT_FILES = {
+    "report.html",
+    "front.png",
+    "reliability.png",
+    "table.csv",
+    "table.md",
+    "table.tex",
+    "comparison.csv",
+    "runs.csv",
+    "stats.csv",
+}
 # One entry per setting: knobs as a run resolves them, per replicate the test samples right,
 # the shared values (and outliers); "seed" is the base seed (default "0").
 SETTINGS = {
@@ -415,18 +427,7 @@ def test_the_files_carry_the_same_columns_and_a_booktabs_table(
     printed = capsys.readouterr().out
     assert code == 0 and "24 runs in 9 settings, against kmeans" in printed
     assert "  reliability: " in printed  # a space after every name
-    names = {p.name for p in out.iterdir()}
-    assert names == {
-        "report.html",
-        "front.png",
-        "reliability.png",
-        "table.csv",
-        "table.md",
-        "table.tex",
-        "comparison.csv",
-        "runs.csv",
-        "stats.csv",
-    }
+    assert {p.name for p in out.iterdir()} == REPORT_FILES
     markdown = (out / "table.md").read_text()
     tables = [
         [cell.strip() for cell in line.strip("|").split(" | ")]

@@ -153,6 +153,19 @@ def _focus(settings: Sequence[Setting], reference: float | None) -> tuple[float,
     return accuracy_limits(shown)
 
 
+def _label(ax: Axes, text: str, point: tuple[float, float], colour: str) -> Annotation:
+    """A setting's label at ``point``, where :func:`place_labels` will move it."""
+    return ax.annotate(
+        text,
+        point,
+        textcoords="offset points",
+        xytext=PLACES[0][:2],
+        fontsize=LABEL_SIZE,
+        color=colour,
+        annotation_clip=False,
+    )
+
+
 class FrontFigure:
     """Accuracy against unique values, one subplot per panel, one series per method."""
 
@@ -194,15 +207,7 @@ class FrontFigure:
                 if 100 * setting.mean(Y_KEY) < low:
                     labels.append(self._below(ax, setting, colour, low))
             labels += [
-                ax.annotate(
-                    setting.label,
-                    (setting.mean(X_KEY), 100 * setting.mean(Y_KEY)),
-                    textcoords="offset points",
-                    xytext=PLACES[0][:2],
-                    fontsize=LABEL_SIZE,
-                    color=colour,
-                    annotation_clip=False,
-                )
+                _label(ax, setting.label, (setting.mean(X_KEY), 100 * setting.mean(Y_KEY)), colour)
                 for setting in front
                 if 100 * setting.mean(Y_KEY) >= low
             ]
@@ -228,15 +233,8 @@ class FrontFigure:
         (a collapsed setting would otherwise squeeze the rest into a line at the top)."""
         x = setting.mean(X_KEY)
         ax.plot([x], [floor], "v", color=colour, ms=7, clip_on=False, zorder=5)
-        return ax.annotate(
-            f"{setting.label}: {100 * setting.mean(Y_KEY):.1f} %, below",
-            (x, floor),
-            textcoords="offset points",
-            xytext=PLACES[0][:2],
-            fontsize=LABEL_SIZE,
-            color=colour,
-            annotation_clip=False,
-        )
+        text = f"{setting.label}: {100 * setting.mean(Y_KEY):.1f} %, below"
+        return _label(ax, text, (x, floor), colour)
 
     def _replicates(self, ax: Axes, runs: list[ReportRun], colour: str) -> None:
         """Each replicate as a faint dot: the spread behind a mean."""
