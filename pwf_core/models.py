@@ -2,7 +2,9 @@
 config section that names one (:class:`ModelConfig`).
 
 Nothing here touches the network: timm models are built with ``pretrained=False`` (timm then
-never asks the Hugging Face hub for anything); trained weights come from local files.
+never asks the Hugging Face hub for anything); trained weights come from local files. timm is
+imported where a timm model is named: importing it pulls in torchvision and torch._dynamo, a
+second and a half that every pwf command and worker process would otherwise pay for nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from pydantic import Field, field_validator
 from torch import nn
@@ -115,6 +116,8 @@ def cifar_resnet18(
     The ImageNet stem shrinks a 32x32 image to 8x8 before the first block; this one keeps
     32x32, the layout of the ResNet-18 CIFAR-10 results (about 95 % top-1).
     """
+    import timm
+
     model = timm.create_model(
         "resnet18", pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs
     )
@@ -131,11 +134,17 @@ def pwf_model_names() -> list[str]:
 
 def is_known_model(name: str) -> bool:
     """Whether ``name`` is a pwf model or a timm architecture."""
-    return name in _MODELS or timm.is_model(name)
+    if name in _MODELS:
+        return True
+    import timm
+
+    return timm.is_model(name)
 
 
 def similar_model_names(name: str, limit: int = 5) -> list[str]:
     """Registered and timm names close to ``name``, for error messages."""
+    import timm
+
     candidates = [*_MODELS, *timm.list_models()]
     return difflib.get_close_matches(name, candidates, n=limit, cutoff=0.6)
 
@@ -218,6 +227,8 @@ def build_model(
         return _MODELS[name](
             num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs
         )
+    import timm
+
     if not timm.is_model(name):
         raise ValueError(f"unknown model '{name}'; close names: {similar_model_names(name)}")
     create = dict(pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
