@@ -190,6 +190,14 @@ def test_every_shipped_deployment_runs_to_completion(readme_stack):
     stack = readme_stack
     workdir = stack.workdir / "deployments"
     workdir.mkdir()
+    # A second GPU's worker, as the README has one per GPU: nine trials, two at a time.
+    argv, extra = stack.command("CUDA_VISIBLE_DEVICES=0 prefect worker start --pool gpu --limit 1")
+    stack.start(
+        "worker-gpu-1",
+        argv,
+        interrupts=WORKER_INTERRUPTS,
+        **(extra | {"CUDA_VISIBLE_DEVICES": "1"}),
+    )
     deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
     submitted: dict[str, tuple[str, str | None]] = {}
     for deployment in deployments:
