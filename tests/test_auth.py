@@ -42,11 +42,11 @@ CREDENTIAL_VARIABLES = (
     "MLFLOW_AUTH_ADMIN_PASSWORD",
     "MLFLOW_FLASK_SERVER_SECRET_KEY",
 )
-# As in tests/test_server_deployment.py, two trials of a few seconds each; the sweep's own
-# schedules are shortened to two rounds (a space override merges into the file's choices).
+# One trial of a few seconds (its driver and the trial each sign in to both servers); the
+# sweep's own schedules are shortened to two rounds (a space override merges into the file's
+# choices).
 OVERRIDES = {
-    "study.n_trials": 2,
-    "execution.max_parallel": 2,
+    "study.n_trials": 1,
     "overrides": {"pretrain.epochs": 3, "train.epochs": 0.25, "eval.mc_samples": 0},
     "space": {
         "compression.b": {"int": [4, 6]},
@@ -220,7 +220,7 @@ def test_servers_refuse_anonymous_requests_and_a_sweep_runs_with_credentials(tmp
         assert "Completed" in watched, watched[-4000:]
         services.check_running()
         study = optuna.load_study(study_name="full-sweep", storage=storage)
-        assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
+        assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 1
 
         # MLflow: the sweep's runs, readable only with credentials, hold no secret.
         experiment_url = f"{mlflow_url}/api/2.0/mlflow/experiments/get-by-name"
@@ -234,7 +234,7 @@ def test_servers_refuse_anonymous_requests_and_a_sweep_runs_with_credentials(tmp
         )
         assert http(*search)[0] == 401
         status, runs = http(*search, mlflow_admin)
-        assert status == 200 and len(runs["runs"]) == 3  # the sweep and its two trials
+        assert status == 200 and len(runs["runs"]) == 2  # the sweep and its trial
         assert all(run["info"]["status"] == "FINISHED" for run in runs["runs"])
         creds.assert_absent(json.dumps(runs), "MLflow params, tags or metrics")
         artifacts = f"{mlflow_url}/api/2.0/mlflow/artifacts/list?run_id="
@@ -247,7 +247,7 @@ def test_servers_refuse_anonymous_requests_and_a_sweep_runs_with_credentials(tmp
             flow_runs = client.read_flow_runs()
             deployments = client.read_deployments()
             prefect_logs = client.read_logs()
-        assert len(flow_runs) == 3  # the driver and its two trials
+        assert len(flow_runs) == 2  # the driver and its trial
         assert all(run.state_type.value == "COMPLETED" for run in flow_runs)
         for run in flow_runs:
             creds.assert_absent(json.dumps(run.parameters, default=str), "flow-run parameters")

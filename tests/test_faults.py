@@ -414,19 +414,19 @@ def test_mlflow_outages_pause_the_sweep_and_a_long_one_stops_it_for_a_rerun(
     url, up, down = mlflow_server
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     sweep = write_sweep(
-        tmp_path / "sweep.yaml", "outage", storage, tmp_path / "a", infra_timeout_s=60
+        tmp_path / "sweep.yaml", "outage", storage, tmp_path / "a", infra_timeout_s=40
     )
     environment = {**env, "MLFLOW_TRACKING_URI": url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
     command = pwf_command("sweep", str(sweep))
     log = tmp_path / "first.log"
     process = start(command, tmp_path, environment, log)
     wait_while_running(lambda: complete_trials(storage, "outage") >= 1, process, "a complete trial")
-    down()  # an outage the sweep meets (the server takes ~10 s to start): waited out
+    down()  # an outage the sweep meets (the server takes 7-15 s to start): waited out
     unreachable = f"pwf: MLflow at {url} is unreachable"
     wait_while_running(lambda: unreachable in log.read_text(), process, "the outage to be met")
     up()
     wait_while_running(lambda: complete_trials(storage, "outage") >= 2, process, "a second trial")
-    down()  # an outage longer than the sweep's 60 s budget (the default is 600 s)
+    down()  # an outage longer than the sweep's 40 s budget (the default is 600 s)
     output = finish(process, log, timeout=200)
     assert process.returncode == 3, output[-3000:]
     # each outage said once, by pwf, and the libraries' retry narration quiet

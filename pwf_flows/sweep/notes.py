@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import optuna
-from optuna_dashboard import save_note
 from prefect.runtime import flow_run
 
 from pwf_flows.links import artifact_url, compare_url, experiment_url, optuna_study_url
@@ -32,7 +31,15 @@ def trial_note(number: int, result: Mapping[str, Any]) -> str:
 
 def save_trial_note(study: optuna.Study, trial_id: int, note_text: str) -> None:
     """Write a trial's note (shown on its page in optuna-dashboard)."""
-    save_note(optuna.Trial(study, trial_id), note_text)
+    _save_note(optuna.Trial(study, trial_id), note_text)
+
+
+def _save_note(study_or_trial: optuna.Study | optuna.Trial, text: str) -> None:
+    # Imported here: optuna-dashboard brings scikit-learn (0.4 s), and every trial's process
+    # imports this module through the experiment flow, though only sweep drivers write notes.
+    from optuna_dashboard import save_note
+
+    save_note(study_or_trial, text)
 
 
 def sweep_links(
@@ -79,4 +86,4 @@ def describe_sweep(
     in_optuna = {"MLflow parent run": parent.url} | {
         label: url for label, url in links.items() if label != "Optuna study"
     }
-    save_note(study, note(f"### {spec.name}\n\n{about}", in_optuna))
+    _save_note(study, note(f"### {spec.name}\n\n{about}", in_optuna))

@@ -49,10 +49,12 @@ __all__ = [
 ]
 
 VENV_BIN = Path(sys.executable).parent
+# The README's first server line and compose's environment.
 QUIET_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "true",
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
 }
 # A Prefect worker ignores one SIGTERM; the first SIGINT starts its shutdown, the second ends it.
 WORKER_INTERRUPTS = 2
@@ -249,7 +251,8 @@ class Services:
     Args:
         workdir: Where they run and write ``<name>.log``.
         env: Set for every process, over this process's environment, the venv's ``bin`` first
-            on ``PATH`` and the servers' telemetry off; ``PREFECT_API_URL`` and
+            on ``PATH``, the servers' telemetry and MLflow's job runner off (as the README's
+            and compose's servers run); ``PREFECT_API_URL`` and
             ``MLFLOW_TRACKING_URI`` here are what :meth:`prefect_api` and :meth:`mlflow_api`
             call.
         unset: Variables of this process's environment that no process gets.
