@@ -130,67 +130,19 @@ def readme_stack(tmp_path_factory):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_readme_server_commands_run_a_sweep_on_workers(readme_stack):
-    stack = readme_stack
-    tmp_path = stack.workdir / "readme-sweep"
-    tmp_path.mkdir()
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    overrides = {
-        "study.n_trials": 2,
-        "study.storage": storage,
-        "execution.artifacts_dir": str(tmp_path / "artifacts"),
-        "execution.max_parallel": 2,  # both submitted at once; the worker queues one
-        "overrides": {"pretrain.epochs": 3, "train.epochs": 0.25, "eval.mc_samples": 0},
-        "space": {
-            "compression.b": {"int": [4, 6]},
-            "compression.schedule": {"choices": {"two": [0.5, 1.0], "three": [0.4, 0.8, 1.0]}},
-        },
-    }
-    readme_run = (
-        "prefect deployment run pwf/full-sweep "
-        """--param overrides='{"study.n_trials": 24}' --watch"""
-    )
-    argv, _ = stack.command(readme_run)
-    argv[argv.index("--param") + 1] = f"overrides={json.dumps(overrides)}"
-    argv += ["--watch-timeout", "600"]
-    output = stack.run(argv, cwd=tmp_path, timeout=660)
-    assert "Completed" in output, output[-4000:]
-
-    study = optuna.load_study(study_name="full-sweep", storage=storage)
-    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
-
-    experiments = stack.mlflow_api("experiments/search", {"max_results": 50})
-    (experiment,) = [e for e in experiments["experiments"] if e["name"] == "full-sweep"]
-    runs = stack.mlflow_api("runs/search", {"experiment_ids": [experiment["experiment_id"]]})
-    runs = runs["runs"]
-    tags = [{t["key"]: t["value"] for t in run["data"].get("tags", [])} for run in runs]
-    (parent,) = [r for r, t in zip(runs, tags, strict=True) if t.get("kind") == "sweep"]
-    children = [t for t in tags if t.get("mlflow.parentRunId") == parent["info"]["run_id"]]
-    assert len(runs) == 3 and len(children) == 2
-    assert all(run["info"]["status"] == "FINISHED" for run in runs)
-    assert {t["sweep.trial"] for t in children} == {"0", "1"}
-
-    stack.run_readme(
-        'prefect deployment schedule create pwf/ablation-regulariser --cron "0 2 * * 6" '
-        "--timezone UTC"
-    )
-    schedules = stack.run_readme("prefect deployment schedule ls pwf/ablation-regulariser")
-    assert "0 2 * * 6" in schedules
-
-
-@pytest.mark.integration
-@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_every_shipped_deployment_runs_to_completion(readme_stack):
-    """Each deployment of prefect.yaml as ``prefect deployment run`` starts it, submitted at
-    once: the sweeps' drivers on the cpu pool, their trials on the gpu pool, one trial of one
-    replicate each on a tiny base; and a single experiment on ``pwf-experiment/gpu``."""
+    """Each deployment of prefect.yaml as ``prefect deployment run`` starts it: the sweeps'
+    drivers on the cpu pool, their trials on the gpu pool, one trial of one replicate each on a
+    tiny base, and a single experiment on ``pwf-experiment/gpu``, submitted at once; then
+    ``pwf/full-sweep`` with the README's own command (``--watch``), two trials submitted
+    together. Last, the README's schedule commands."""
     from tests.test_shipped_sweeps import tiny_overrides
 
     stack = readme_stack
     workdir = stack.workdir / "deployments"
     workdir.mkdir()
-    # A second GPU's worker, as the README has one per GPU: nine trials, two at a time.
+    # A second GPU's worker, as the README has one per GPU: the trials run two at a time.
     argv, extra = stack.command("CUDA_VISIBLE_DEVICES=0 prefect worker start --pool gpu --limit 1")
     stack.start(
         "worker-gpu-1",
@@ -199,8 +151,11 @@ def test_every_shipped_deployment_runs_to_completion(readme_stack):
         **(extra | {"CUDA_VISIBLE_DEVICES": "1"}),
     )
     deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    trials = {}  # each sweep's study: the trials it must complete
     submitted: dict[str, tuple[str, str | None]] = {}
-    for deployment in deployments:
+    watched = ""
+    # pwf/full-sweep last: its README command waits (--watch) while the others run.
+    for deployment in sorted(deployments, key=lambda d: d["name"] == "full-sweep"):
         if deployment["name"] == "gpu":
             config = load_config(
                 ROOT / "configs" / "default.yaml",
@@ -215,35 +170,64 @@ def test_every_shipped_deployment_runs_to_completion(readme_stack):
                 f"config={json.dumps(config_to_dict(config))}",
                 f"artifacts_dir={workdir / 'artifacts'}",
             ]
-            target, study = "pwf-experiment/gpu", None
+            argv, target, study = ["prefect", "deployment", "run"], "pwf-experiment/gpu", None
+            argv.append(target)
         else:
             sweep = ROOT / deployment["parameters"]["sweep"]
             study = f"deploy-{deployment['name']}"
             storage = f"sqlite:///{workdir / (study + '.db')}"
-            fields = tiny_overrides(sweep, storage, workdir / "artifacts", n_trials=1)
+            trials[study] = 2 if deployment["name"] == "full-sweep" else 1
+            fields = tiny_overrides(sweep, storage, workdir / "artifacts", n_trials=trials[study])
             fields |= {"name": study, "study.replicates": 1}  # one run: replicates test apart
-            params = [f"overrides={json.dumps(fields)}"]
+            if deployment["name"] == "full-sweep":  # both at once; the workers queue them
+                fields["execution.max_parallel"] = 2
+                readme_run = (
+                    "prefect deployment run pwf/full-sweep "
+                    """--param overrides='{"study.n_trials": 24}' --watch"""
+                )
+                argv, _ = stack.command(readme_run)
+                argv[argv.index("--param") + 1] = f"overrides={json.dumps(fields)}"
+                argv += ["--watch-timeout", "780"]
+                params = []
+            else:
+                argv = ["prefect", "deployment", "run", f"pwf/{deployment['name']}"]
+                params = [f"overrides={json.dumps(fields)}"]
             target = f"pwf/{deployment['name']}"
-        argv = ["prefect", "deployment", "run", target]
         for param in params:
             argv += ["--param", param]
-        output = stack.run(argv, cwd=workdir, timeout=120)
+        output = stack.run(argv, cwd=workdir, timeout=840 if "--watch" in argv else 120)
+        if "--watch" in argv:
+            watched = output
         submitted[target] = (flow_run_id(output), study)
     assert len(submitted) == len(deployments) == 9
+    assert "Completed" in watched, watched[-4000:]
 
     ended = stack.wait_flow_runs({t: run_id for t, (run_id, _) in submitted.items()}, 780)
     states = {target: state["type"] for target, state in ended.items()}
     assert states == dict.fromkeys(submitted, "COMPLETED"), states
-    for target, (_, study) in submitted.items():
-        if study is None:
-            continue
+    for study, count in trials.items():
         storage = f"sqlite:///{workdir / (study + '.db')}"
-        trials = optuna.load_study(study_name=study, storage=storage).get_trials()
-        assert [t.state for t in trials] == [TrialState.COMPLETE], target
+        found = optuna.load_study(study_name=study, storage=storage).get_trials()
+        assert [t.state for t in found] == [TrialState.COMPLETE] * count, study
     experiments = stack.mlflow_api("experiments/search", {"max_results": 100})
     names = {e["name"]: e["experiment_id"] for e in experiments["experiments"]}
     for target, (_, study) in submitted.items():
-        found = {"experiment_ids": [names[study or "deploy-gpu"]]}
-        runs = stack.mlflow_api("runs/search", found)["runs"]
-        assert len(runs) == (2 if study else 1), target  # the sweep's parent and its trial
+        runs = stack.mlflow_api("runs/search", {"experiment_ids": [names[study or "deploy-gpu"]]})
+        runs = runs["runs"]
         assert all(run["info"]["status"] == "FINISHED" for run in runs), target
+        if study is None:
+            assert len(runs) == 1, target
+            continue
+        # The sweep's parent run and one child run per trial, tagged with its number.
+        tags = [{t["key"]: t["value"] for t in run["data"].get("tags", [])} for run in runs]
+        (parent,) = [r for r, t in zip(runs, tags, strict=True) if t.get("kind") == "sweep"]
+        children = [t for t in tags if t.get("mlflow.parentRunId") == parent["info"]["run_id"]]
+        assert len(runs) == 1 + trials[study] == 1 + len(children), target
+        assert {t["sweep.trial"] for t in children} == {str(n) for n in range(trials[study])}
+
+    stack.run_readme(
+        'prefect deployment schedule create pwf/ablation-regulariser --cron "0 2 * * 6" '
+        "--timezone UTC"
+    )
+    schedules = stack.run_readme("prefect deployment schedule ls pwf/ablation-regulariser")
+    assert "0 2 * * 6" in schedules
