@@ -219,8 +219,10 @@ def wait_for_driver(cluster: Cluster, run_id: str, timeout: float = 600) -> dict
 
 
 def test_a_killed_worker_trial_is_retried_and_resumes(cluster):
+    """One trial; its worker's host goes down mid-trial. The trial is marked failed, queued
+    again, and the next worker resumes it from its checkpoint into the same MLflow run."""
     name = "killed-worker"
-    overrides = cluster.overrides(name, n_trials=2, max_parallel=1, **SLOW)
+    overrides = cluster.overrides(name, n_trials=1, max_parallel=1, **SLOW)
     driver = flow_run_id(cluster.sweep(name, overrides, watch=False))
     experiments = cluster.workdir / "artifacts" / "experiments" / name
     cluster.wait_for(lambda: any(experiments.glob("*/step_01.safetensors")), "a finished round")
@@ -236,13 +238,13 @@ def test_a_killed_worker_trial_is_retried_and_resumes(cluster):
     study = cluster.study(name)
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     failed = study.get_trials(states=(TrialState.FAIL,))
-    assert len(complete) == 2 and distinct_configurations(complete) == 2
     assert [t.number for t in failed] == [lost.number]  # marked failed, not lost
-    retried = next(t for t in complete if t.params == lost.params)  # ... and retried
+    (retried,) = complete
+    assert retried.params == lost.params  # ... and retried
     _, children = mlflow_children(cluster, name)
-    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
-    assert_logged_once(cluster.postgres.url("mlflow"))
-    resumed = next(c for c in children if c.info.run_id == retried.user_attrs["mlflow_run_id"])
+    (resumed,) = children  # one MLflow run for the trial, before and after the kill
+    assert resumed.info.status == "FINISHED"
+    assert resumed.info.run_id == retried.user_attrs["mlflow_run_id"]
     assert resumed.data.tags["resumed_at"].startswith("round ")  # from the lost run's checkpoint
     states = {r["id"]: r["state"]["type"] for r in flow_runs_of_study(cluster, name)}
     assert states[lost_run] == "CRASHED"
