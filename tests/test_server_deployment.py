@@ -29,17 +29,6 @@ from tests.conftest import ROOT
 README = (ROOT / "README.md").read_text()
 
 
-def readme_exports() -> dict[str, str]:
-    """The variables the README's ``export PREFECT_SERVER_ANALYTICS_ENABLED=...`` line sets."""
-    exported = {}
-    for line in README.splitlines():
-        if line.startswith("export PREFECT_SERVER_ANALYTICS_ENABLED"):
-            for assignment in shlex.split(line)[1:]:
-                key, value = assignment.split("=", 1)
-                exported[key] = value
-    return exported
-
-
 @dataclass
 class Stack(Services):
     """Services started from README commands, each README port replaced by a free one.
@@ -99,8 +88,7 @@ def readme_stack(tmp_path_factory):
         "PREFECT_API_URL": f"http://127.0.0.1:{ports['4200']}/api",
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['5000']}",
         "PREFECT_WORKER_QUERY_SECONDS": "2",  # workers poll faster than the default 10 s
-        **readme_exports(),
-    }
+    }  # and the README's first server line: every Services process gets it (QUIET_ENV)
     stack = Stack(workdir, env, ports=ports)
     try:
         stack.start_readme("prefect-server", "prefect server start --host 127.0.0.1 --port 4200")

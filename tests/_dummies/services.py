@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -49,13 +50,19 @@ __all__ = [
 ]
 
 VENV_BIN = Path(sys.executable).parent
-# The README's first server line and compose's environment.
-QUIET_ENV = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-}
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _readme_server_exports() -> dict[str, str]:
+    """The variables the README's ``export PREFECT_SERVER_ANALYTICS_ENABLED=...`` line sets."""
+    for line in README.read_text().splitlines():
+        if line.startswith("export PREFECT_SERVER_ANALYTICS_ENABLED"):
+            return dict(word.split("=", 1) for word in shlex.split(line)[1:])
+    raise AssertionError("README no longer shows its servers' export line")
+
+
+# The servers' telemetry and MLflow's job runner off, as the README's first server line has it.
+QUIET_ENV = _readme_server_exports()
 # A Prefect worker ignores one SIGTERM; the first SIGINT starts its shutdown, the second ends it.
 WORKER_INTERRUPTS = 2
 FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
