@@ -35,6 +35,7 @@ from pwf_flows.commands.sweep import sweep_command
 from pwf_flows.environment import configure_environment
 from pwf_flows.errors import ServerError, TrackingError
 from pwf_flows.infra import DiskFull, InfraUnavailable, is_disk_full
+from pwf_flows.process_exit import end_quickly
 from pwf_flows.run_lock import ExperimentBusy
 from pwf_flows.ui import add_parser as add_ui_parser
 from pwf_flows.ui import ui_command
@@ -240,5 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def console_main() -> int:
+    """The ``pwf`` command as a process of its own (the console script, ``python -m``)."""
+    end_quickly()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -157,4 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from pwf_flows.process_exit import end_quickly
+
+    end_quickly()
     sys.exit(main())

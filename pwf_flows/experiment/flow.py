@@ -40,6 +40,7 @@ from pwf_flows.experiment.tasks import (
 from pwf_flows.infra import set_infra_timeout
 from pwf_flows.links import run_url
 from pwf_flows.orphans import take_over_experiment
+from pwf_flows.process_exit import end_quickly_if_flow_process
 from pwf_flows.results import finished_result
 from pwf_flows.run_lock import exclusive_run
 from pwf_flows.sweep.early_stopping import RoundMonitor
@@ -111,6 +112,7 @@ def pwf_experiment(
         stopped it, with the last step's metrics.
     """
     configure_environment()  # a worker's flow run starts here, not in the pwf command
+    end_quickly_if_flow_process()
     cfg = parse_config(config or {})
     with owned_trial(trial) as running:
         if not running:

@@ -23,6 +23,7 @@ from pwf_core.errors import ConfigError
 from pwf_flows.environment import configure_environment
 from pwf_flows.infra import set_infra_timeout
 from pwf_flows.orphans import release, take_over_sweep
+from pwf_flows.process_exit import end_quickly_if_flow_process
 from pwf_flows.sweep.driver import Driver
 from pwf_flows.sweep.notes import describe_sweep
 from pwf_flows.sweep.pool import PoolRunner
@@ -73,6 +74,7 @@ def pwf(
         The study name, trial counts, timing, the MLflow parent run, and the Pareto front.
     """
     configure_environment()  # a worker's flow run starts here, not in the pwf command
+    end_quickly_if_flow_process()
     spec = load_sweep(sweep, overrides)
     set_infra_timeout(spec.infra_timeout_s)
     logger = get_run_logger()
