@@ -82,10 +82,20 @@ def postgres():
         yield server
 
 
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store, migrated once per test process (copy_empty_store)."""
+    from tests._dummies.mlflow_store import create_empty_store
+
+    return create_empty_store(tmp_path_factory.mktemp("empty-mlflow") / "mlruns.db")
+
+
 @pytest.fixture
-def mlflow_store(tmp_path, monkeypatch) -> str:
+def mlflow_store(tmp_path, monkeypatch, empty_mlflow_db) -> str:
     """A fresh MLflow sqlite store for one test (exported, so subprocesses use it too)."""
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    from tests._dummies.mlflow_store import copy_empty_store
+
+    uri = copy_empty_store(empty_mlflow_db, tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
     return uri

@@ -27,6 +27,7 @@ from optuna.trial import TrialState
 
 from pwf_core.config import load_config
 from pwf_flows.artifacts import ExperimentFiles
+from tests._dummies.mlflow_store import copy_empty_store
 from tests._dummies.services import (
     Services,
     exited,
@@ -164,23 +165,23 @@ def assert_sweep_intact(tracking_uri: str, name: str, study: optuna.Study, n: in
 
 
 @pytest.fixture
-def env(prefect_server, tmp_path) -> dict:
+def env(prefect_server, tmp_path, empty_mlflow_db) -> dict:
     return {
         **os.environ,
         "PREFECT_API_URL": prefect_server,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}",
+        "MLFLOW_TRACKING_URI": copy_empty_store(empty_mlflow_db, tmp_path),
     }
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, prefect_server) -> dict:
+def reference(tmp_path_factory, prefect_server, empty_mlflow_db) -> dict:
     """The uninterrupted run's final metrics, to compare a repaired run with."""
     tmp = tmp_path_factory.mktemp("reference")
     config = write_config(tmp / "config.yaml", "reference")
     environment = {
         **os.environ,
         "PREFECT_API_URL": prefect_server,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlruns.db'}",
+        "MLFLOW_TRACKING_URI": copy_empty_store(empty_mlflow_db, tmp),
     }
     done = run(pwf_command("run", str(config), "--artifacts", str(tmp / "a")), tmp, environment)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -252,6 +253,8 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_rerun_finishes_it(
 
 @pytest.mark.timeout(300)
 def test_a_disk_too_small_for_the_run_is_refused_before_it_starts(env, tmp_path):
+    store = tmp_path / "untouched.db"  # not the fixture's copied store: none may be created
+    env = env | {"MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
     config = write_config(tmp_path / "config.yaml", "too-small")
     with small_disk(tmp_path / "disk", "1m") as disk:
         command = pwf_command("run", str(config), "--artifacts", str(disk / "artifacts"))
@@ -260,7 +263,7 @@ def test_a_disk_too_small_for_the_run_is_refused_before_it_starts(env, tmp_path)
         line = last_line(done.stderr)
         assert line.startswith("pwf: the run needs about") and "is free there" in line
         assert not (disk / "artifacts").exists()
-    assert not (tmp_path / "mlruns.db").exists()
+    assert not store.exists()
 
 
 @pytest.mark.timeout(600)
@@ -286,11 +289,11 @@ def test_a_second_run_of_a_running_experiment_is_refused_and_the_first_is_untouc
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("target", ["process-group-and-server", "pwf-alone"])
-def test_sigterm_is_handled_like_ctrl_c(target, tmp_path):
+def test_sigterm_is_handled_like_ctrl_c(target, tmp_path, empty_mlflow_db):
     """With the temporary Prefect server (no PREFECT_API_URL): the signal a scheduler sends."""
     environment = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     environment |= {
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}",
+        "MLFLOW_TRACKING_URI": copy_empty_store(empty_mlflow_db, tmp_path),
         "PREFECT_HOME": str(tmp_path / ".prefect"),
     }
     config = write_config(tmp_path / "config.yaml", "sigterm", pretrain={"epochs": 200})

@@ -1,4 +1,5 @@
-"""What the suite asserts of every MLflow store a test leaves: nothing logged twice.
+"""What the suite asserts of every MLflow store a test leaves: nothing logged twice; and empty
+stores for tests to start from.
 
 Whatever path a run resumed by (a step done again after a damaged checkpoint, the final
 evaluation after a lost folder, a trial retried on another worker), no metric may hold two
@@ -8,6 +9,8 @@ point, its ``params`` table one row per key (a second, different value is refuse
 
 from __future__ import annotations
 
+import shutil
+import sqlite3
 from pathlib import Path
 
 import sqlalchemy
@@ -63,3 +66,30 @@ def assert_stores_logged_once(folder: Path) -> int:
     for store in stores:
         assert_logged_once(f"sqlite:///{store}")
     return len(stores)
+
+
+def create_empty_store(path: Path) -> Path:
+    """A new MLflow SQLite store at ``path``, as MLflow creates one (every migration applied)."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def copy_empty_store(empty: Path, folder: Path) -> str:
+    """A copy of the empty store ``empty`` as ``folder/mlruns.db``, its ``Default`` experiment's
+    artifacts under ``folder`` as if MLflow had created it there; its URI.
+
+    MLflow migrates a new SQLite file for about a second: dozens of tests start from an empty
+    store, so they start from one migration's copies.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "mlruns.db"
+    shutil.copyfile(empty, target)
+    with sqlite3.connect(target) as connection:
+        connection.execute(
+            "UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+            (str(folder / "mlruns" / "0"),),
+        )
+    connection.close()
+    return f"sqlite:///{target}"
