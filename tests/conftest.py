@@ -92,7 +92,8 @@ def empty_mlflow_db(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch, empty_mlflow_db) -> str:
-    """A fresh MLflow sqlite store for one test (exported, so subprocesses use it too)."""
+    """An empty MLflow sqlite store for one test, a copy of :func:`empty_mlflow_db` (exported,
+    so subprocesses use it too)."""
     from tests._dummies.mlflow_store import copy_empty_store
 
     uri = copy_empty_store(empty_mlflow_db, tmp_path)
