@@ -1,9 +1,9 @@
 """What a quick end saves each pwf process (:mod:`pwf_flows.process_exit`).
 
-Runs the same tiny ``pwf run`` (digits, MLflow in SQLite, a temporary Prefect server) as the
-``pwf`` command does (``python -m pwf_flows.cli``: collect, then freeze at exit) and as a plain
-interpreter calling the same ``main`` (the interpreter's usual last walks over every object),
-alternating, each in a fresh folder. Each row: the wall seconds and the CPU seconds of the
+Runs the same tiny ``pwf run`` (digits, MLflow in SQLite, a temporary Prefect server) through
+``console_main``, as the ``pwf`` command starts (collect, then freeze at exit), and through the
+bare ``main`` (the interpreter's usual last walks over every object), alternating, each in a
+fresh folder. Each row: the wall seconds and the CPU seconds of the
 process and its children (the temporary server included), and the seconds from the end of
 ``main`` to the process's end. Writes ``benchmarks/results/process_exit.json``.
 
